@@ -208,6 +208,19 @@ def test_unknown_vision_library_is_named():
         ComposedVLMConfig(vision={"library": "jax"}, text_config=text_config().to_dict(), image_token_id=IMAGE_TOKEN)
 
 
+def test_vision_spec_must_fit_in_config_json():
+    spec = {"library": "timm", "model_name": "vit_tiny_patch16_224", "kwargs": {"block_fn": nn.Identity}}
+    with pytest.raises(ModelLoadError, match="JSON"):
+        ComposedVLMConfig(vision=spec, text_config=text_config().to_dict(), image_token_id=IMAGE_TOKEN)
+
+
+def test_images_without_image_token_id_are_refused():
+    model = build_composed(build_vision_tower(VISION_SPECS["timm"]), None, LlamaForCausalLM(text_config()))
+    ids, pixels = prompt()
+    with pytest.raises(InputError, match="image_token_id"):
+        model(input_ids=ids, pixel_values=pixels)
+
+
 def test_config_reloads_through_auto_config(tmp_path):
     config = ComposedVLMConfig(vision=VISION_SPECS["open_clip"], text_config=text_config().to_dict(),
                                image_token_id=IMAGE_TOKEN, vision_feature_layer=-3)

@@ -172,6 +172,16 @@ def test_timm_pruning_hook_keeps_registers_attending(variant):
     assert torch.equal(out.grid[1, 3], torch.tensor([0, 3, 0]))  # patch 12 of a 4x4 grid
 
 
+def test_timm_dynamic_image_size_grid():
+    model = tiny_timm(dynamic_img_size=True, reg_tokens=1)
+    x = torch.randn(1, 3, 48, 24)
+    out = wrap_encoder(model).encode(x, feature_layer=-1)
+    with torch.no_grad():
+        reference = model.forward_features(x)
+    assert max_diff(out.tokens, reference[:, model.num_prefix_tokens:]) <= TOL
+    assert out.tokens.shape[1] == 18 and out.grid[:, 1].max() == 5 and out.grid[:, 2].max() == 2
+
+
 def test_timm_training_mode_patch_dropout_is_refused():
     model = tiny_timm(patch_drop_rate=0.5).train()
     with pytest.raises(InputError, match="eval"):

@@ -11,6 +11,8 @@ encoder runs without gradients: the vision tower is frozen, as in LLaVA; the pro
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -149,8 +151,13 @@ class ComposedVLMConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.vision is not None and self.vision.get("library") not in VISION_LIBRARIES:
-            raise UnknownNameError("vision library", str(self.vision.get("library")), VISION_LIBRARIES)
+        if self.vision is not None:
+            if self.vision.get("library") not in VISION_LIBRARIES:
+                raise UnknownNameError("vision library", str(self.vision.get("library")), VISION_LIBRARIES)
+            try:
+                json.dumps(self.vision)
+            except TypeError as error:  # config.json must hold the spec; a class or module object cannot go there
+                raise ModelLoadError(f"vision spec is not JSON-serialisable ({error}): {self.vision}") from error
         if self.projector_hidden_act not in ACT2FN:
             raise UnknownNameError("projector activation", self.projector_hidden_act, ACT2FN.keys())
         # the LM ties its own embeddings; mirror its flag so transformers' tying bookkeeping agrees with it
@@ -267,6 +274,9 @@ class ComposedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         labels=None,
         **kw,
     ):
+        """Embed the text, write the projected image features over the `image_token_id` placeholders (in order:
+        sample by sample, image by image) and run the LM; returns its output (logits, past_key_values, loss). Labels
+        are passed to the LM unchanged, so mask the placeholder positions with -100 yourself."""
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
         if pixel_values is not None:
@@ -317,7 +327,7 @@ def build_composed(
     projector: nn.Module | None,
     language_model: PreTrainedModel,
     *,
-    image_token_id: int,
+    image_token_id: int | None = None,
     vision_feature_layer: int = -2,
     projector_hidden_act: str = "gelu",
     vision_spec: dict | None = None,
