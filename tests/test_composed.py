@@ -228,3 +228,30 @@ def test_config_reloads_through_auto_config(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ComposedVLMConfig) and isinstance(loaded.text_config, LlamaConfig)
     assert loaded.vision == VISION_SPECS["open_clip"] and loaded.vision_feature_layer == -3
+
+
+def test_transformers_tower_equals_stock_llava():
+    """With a CLIP tower the composed model is LLaVA-1.5: same weights in transformers' Llava give the same logits."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    model = composed("transformers")
+    llava_config = LlavaConfig(vision_config=dict(VISION_SPECS["transformers"]["config"]),
+                               text_config=text_config().to_dict(), image_token_id=IMAGE_TOKEN,
+                               vision_feature_layer=-2, vision_feature_select_strategy="default",
+                               projector_hidden_act="gelu", image_seq_length=NUM_PATCHES)
+    llava = LlavaForConditionalGeneration(llava_config).eval()
+    renamed = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("language_model.lm_head"):
+            renamed[key.removeprefix("language_model.")] = value
+        elif key.startswith("language_model.model."):
+            renamed["model.language_model." + key.removeprefix("language_model.model.")] = value
+        else:
+            renamed["model." + key] = value
+    assert set(renamed) == set(llava.state_dict())
+    llava.load_state_dict(renamed)
+    ids, pixels = prompt(batch=2)
+    with torch.no_grad():
+        ours = model(input_ids=ids, pixel_values=pixels).logits
+        stock = llava(input_ids=ids, pixel_values=pixels).logits
+    assert (ours - stock).abs().max() <= 1e-6

@@ -8,6 +8,11 @@ Importing this module registers the config with `AutoConfig` (model_type "tokeno
 Image features are the patch tokens (CLS dropped) of encoder layer `vision_feature_layer`, read through
 `tokenomy.vision.wrap_encoder`, so reducers reach them through the same encoder interface as for any other model. The
 encoder runs without gradients: the vision tower is frozen, as in LLaVA; the projector and the LM train normally.
+With a transformers CLIP tower the model computes exactly what transformers' LlavaForConditionalGeneration computes.
+
+`from_pretrained` builds the model on the meta device and fills it from the safetensors file. Non-persistent buffers
+of a library (non-transformers) tower would not be restored that way; the towers `wrap_encoder` accepts (timm and
+open_clip VisionTransformer) have none, and transformers towers restore theirs in their own `_init_weights`.
 """
 from __future__ import annotations
 
