@@ -15,12 +15,13 @@ from tokenomy.vision.base import (
     attention_row,
 )
 from tokenomy.vision.hf import HFViTEncoder, is_hf_vit
+from tokenomy.vision.qwen_vit import QwenViTEncoder, is_qwen_vit
 from tokenomy.vision.open_clip_vit import OpenClipViTEncoder, is_open_clip_vit
 from tokenomy.vision.timm_vit import TimmViTEncoder, is_timm_vit
 
-# (recognises the module, wraps it), tried in order. Qwen2/2.5-VL vision transformers get their own entry here, placed
-# before `is_hf_vit`, since they are transformers modules too.
+# (recognises the module, wraps it), tried in order; Qwen ViTs first, since they are transformers modules too.
 _WRAPPERS = (
+    (is_qwen_vit, QwenViTEncoder),
     (is_timm_vit, TimmViTEncoder),
     (is_open_clip_vit, OpenClipViTEncoder),
     (is_hf_vit, HFViTEncoder),
@@ -49,7 +50,7 @@ def wrap_encoder(model) -> VisionEncoder:
             return wrapper(model)
     raise ModelLoadError(
         f"no vision encoder wrapper for {type(model).__module__}.{type(model).__name__}; supported: timm "
-        "VisionTransformer, open_clip VisionTransformer, transformers CLIP/SigLIP vision models"
+        "VisionTransformer, open_clip VisionTransformer, transformers CLIP/SigLIP and Qwen2/2.5-VL vision models"
     )
 
 

@@ -18,6 +18,10 @@ def _rotate(x, cos, sin):
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+def is_qwen_vit(model) -> bool:
+    return all(hasattr(model, attr) for attr in ("patch_embed", "blocks", "merger", "rotary_pos_emb"))
+
+
 class QwenViTEncoder(VisionEncoder):
     has_cls = False
 

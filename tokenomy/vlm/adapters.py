@@ -16,6 +16,7 @@ from tokenomy.reducers.base import ImageTokens, PositionPolicy, Selection
 from tokenomy.vision.base import SignalRequest, grid_positions
 from tokenomy.vision.hf import HFViTEncoder
 from tokenomy.vision.qwen_vit import QwenViTEncoder
+from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
 
 
 @dataclass
@@ -239,7 +240,24 @@ class QwenVLAdapter(Adapter):
         return torch.cat([text_row[None], positions], dim=0)
 
 
+class ComposedAdapter(LlavaAdapter):
+    """tokenomy's composed model: any timm / open_clip / transformers tower + MLP projector + any causal LM."""
+
+    family = "composed"
+
+    def __init__(self, model, processor):
+        Adapter.__init__(self, model, processor)
+        self.feature_layer = model.config.vision_feature_layer
+        self.vision = model.vision_encoder
+        self.projector = model.multi_modal_projector
+
+    @property
+    def language_model(self):
+        return self.model.language_model.get_decoder()
+
+
 ADAPTERS = {
+    "ComposedVLMForConditionalGeneration": ComposedAdapter,
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
