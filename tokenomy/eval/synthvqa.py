@@ -143,7 +143,7 @@ def _questions(rng, objects, word):
     out.append(dict(type="exist", question=f"Is there a {color} {shape}?",
                     answer="yes" if (color, shape) in present_pairs else "no", color=color, shape=shape))
 
-    spatial = _spatial_question(rng, large)
+    spatial = _spatial_question(rng, objects, large)
     if spatial is None:
         return None
     out.append(spatial)
@@ -153,18 +153,17 @@ def _questions(rng, objects, word):
     return out
 
 
-def _spatial_question(rng, large):
+def _spatial_question(rng, objects, large):
     forms = ["left", "above", "nearest"]
     rng.shuffle(forms)
     for form in forms:
         if form == "nearest":
             candidates = []
-            for anchor in large:
-                others = sorted((math.hypot(o.x - anchor.x, o.y - anchor.y), i) for i, o in enumerate(large) if o is not anchor)
+            for anchor in large:  # the nearest object may be the small one
+                others = sorted((math.hypot(o.x - anchor.x, o.y - anchor.y), i) for i, o in enumerate(objects) if o is not anchor)
                 if len(others) >= 2 and others[1][0] - others[0][0] < NEAREST_MARGIN:
                     continue
-                if others:
-                    candidates.append((anchor, large[others[0][1]]))
+                candidates.append((anchor, objects[others[0][1]]))
             if candidates:
                 anchor, nearest = candidates[int(rng.integers(len(candidates)))]
                 return dict(type="spatial", question=f"What color is the object nearest to the {anchor.name}?",
