@@ -5,6 +5,8 @@ special tokens, processors and chat templates are those of the real families.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -170,9 +172,31 @@ def build_tiny_qwen2_5_vl():
     return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tokenizer)
 
 
+REFERENCE_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def _reference_model(name: str):
+    """A reference model trained by `tokenomy train-ref` on synthvqa, shipped in tokenomy/assets/<name>."""
+
+    def build():
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from tokenomy.errors import ModelLoadError
+
+        folder = REFERENCE_ASSETS / name
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{name}: the shipped checkpoint {folder} is missing; retrain it with `tokenomy train-ref`")
+        model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+        return model, AutoProcessor.from_pretrained(folder, local_files_only=True)
+
+    return build
+
+
 BUILDERS = {
     "tiny-llava": build_tiny_llava,
     "tiny-llava-next": build_tiny_llava_next,
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
     "tiny-qwen2.5-vl": build_tiny_qwen2_5_vl,
+    "ref-llava": _reference_model("ref-llava"),
+    "ref-qwen": _reference_model("ref-qwen"),
 }

@@ -1,0 +1,103 @@
+"""Reference-model training: prompts match inference, loss only on answers, loss decreases, resume is exact."""
+import json
+
+import pytest
+import torch
+
+import tokenomy
+from tokenomy.cli import main as cli_main
+from tokenomy.eval import synthvqa
+from tokenomy.train import loop
+from tokenomy.train.data import IGNORE, Conversation, SynthVQATrain, collate, conversation_text, encode
+from tokenomy.train.models import build, train_tokenizer
+from tokenomy.vlm.pipeline import Pipeline
+from tokenomy.reducers import create
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen"])
+def arch_model(request):
+    arch = request.param
+    tokenizer = train_tokenizer(SynthVQATrain().texts(arch, limit=200), arch)
+    model, processor = build(arch, tokenizer)
+    return arch, model, processor
+
+
+def test_first_turn_is_the_inference_prompt(arch_model):
+    arch, model, processor = arch_model
+    conversation = SynthVQATrain()[5]
+    encoded = encode(arch, processor, conversation)
+    pipeline = Pipeline(model.eval(), processor, create("none"))
+    prompt = pipeline.adapter.chat_text(conversation.turns[0][0], 1)
+    inference = pipeline.adapter.process([prompt], [conversation.image])
+    prompt_ids = inference["input_ids"][0]
+    assert torch.equal(encoded["input_ids"][: len(prompt_ids)], prompt_ids)
+    assert torch.equal(encoded["pixel_values"], inference["pixel_values"])
+
+
+def test_conversation_is_the_chat_template(arch_model):
+    arch, _, processor = arch_model
+    conversation = SynthVQATrain()[3]
+    messages = []
+    for index, (question, answer) in enumerate(conversation.turns):
+        content = ([{"type": "image"}] if index == 0 else []) + [{"type": "text", "text": question}]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    # The template closes the last assistant turn with a newline that no label covers.
+    assert rendered.rstrip("\n") == conversation_text(arch, conversation).rstrip("\n")
+
+
+def test_labels_cover_exactly_the_answers(arch_model):
+    arch, model, processor = arch_model
+    conversation = Conversation(synthvqa.render(synthvqa.make_scene("train", 0)), [("What word is written?", "cat"), ("How many objects are there?", "4")])
+    encoded = encode(arch, processor, conversation)
+    supervised = encoded["labels"] != IGNORE
+    tokenizer = processor.tokenizer
+    end = tokenizer.eos_token
+    assert tokenizer.decode(encoded["labels"][supervised]).replace(" ", "") == f"cat{end}4{end}"
+    assert torch.equal(encoded["labels"][supervised], encoded["input_ids"][supervised])
+    batch = collate([encoded, encode(arch, processor, SynthVQATrain()[1])], tokenizer.pad_token_id, model.config.image_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert loop.answer_loss(model.train(), batch).isfinite()
+
+
+def _losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_resume_continues_the_curve(tmp_path, monkeypatch):
+    config = dict(arch="llava", steps=8, batch_size=3, lr=3e-3, warmup=2, save_every=4, threads=1)
+    loop.train(loop.TrainConfig(out_dir=str(tmp_path / "whole"), **config))
+    whole = _losses(tmp_path / "whole")
+    assert len(whole) == 8
+    assert sum(whole[-2:]) / 2 < whole[0] - 0.5
+
+    class Interrupted(SynthVQATrain):
+        def __getitem__(self, index):
+            if index >= 5 * config["batch_size"]:  # die during step 5, after the checkpoint of step 4
+                raise KeyboardInterrupt
+            return super().__getitem__(index)
+
+    monkeypatch.setattr(loop, "SynthVQATrain", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(loop.TrainConfig(out_dir=str(tmp_path / "split"), **config))
+    assert len(_losses(tmp_path / "split")) == 5
+    monkeypatch.setattr(loop, "SynthVQATrain", SynthVQATrain)
+    with pytest.raises(tokenomy.errors.InputError, match="--resume"):
+        loop.train(loop.TrainConfig(out_dir=str(tmp_path / "split"), **config))
+    loop.train(loop.TrainConfig(out_dir=str(tmp_path / "split"), **config), resume=True)
+    split = _losses(tmp_path / "split")
+    assert len(split) == 8  # the step logged after the checkpoint was dropped and redone
+    assert split == pytest.approx(whole, abs=1e-4)
+
+
+def test_train_ref_cli_on_user_vqa_jsonl(tmp_path):
+    synthvqa.export_jsonl(tmp_path / "data", "val", num_scenes=4)
+    (tmp_path / "data" / "val.jsonl").rename(tmp_path / "data" / "train.jsonl")
+    out = tmp_path / "run"
+    code = cli_main(["train-ref", "--arch", "qwen", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2",
+                     "--batch-size", "2", "--threads", "1"])
+    assert code == 0
+    assert (out / "checkpoint.pt").is_file() and len(_losses(out)) == 2
+    pipeline = tokenomy.load(str(out / "model"), reducer="random", keep=8)
+    (generation,) = pipeline.generate([synthvqa.render(synthvqa.make_scene("val", 0))], ["What word is written?"], max_new_tokens=3)
+    assert generation.stats["visual_tokens_in"] == 64 and generation.stats["visual_tokens_kept"] == 8

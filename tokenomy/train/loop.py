@@ -1,0 +1,133 @@
+"""The reference-model training loop, meant to be read top to bottom.
+
+    data (synthvqa stream or a vqa-jsonl folder) -> multi-turn conversations -> answer-only cross-entropy -> AdamW
+    with warmup + cosine decay -> a resumable checkpoint every `save_every` steps -> a transformers folder at the end.
+
+Batch `step` always holds conversations step*B .. step*B+B-1 of the data stream, so a resumed run continues the exact
+loss curve of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tokenomy.errors import InputError
+from tokenomy.train.data import IGNORE, JsonlConversations, SynthVQATrain, collate, encode
+from tokenomy.train.models import ARCHES, build, train_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    arch: str
+    out_dir: str
+    data: str | None = None  # a vqa-jsonl folder; None trains on synthvqa
+    steps: int = 1000
+    batch_size: int = 16  # conversations (images) per step; each carries several question/answer turns
+    lr: float = 2e-3
+    warmup: int = 50
+    save_every: int = 25
+    threads: int = 2
+    seed: int = 0
+    vocab_size: int = 512
+
+
+def answer_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (labels != IGNORE), each predicted from the token before it."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+def _schedule(config: TrainConfig):
+    def factor(step):
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _tokenizer(config: TrainConfig, dataset, out: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    folder = out / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    tokenizer = train_tokenizer(dataset.texts(config.arch), config.arch, config.vocab_size)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig):
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 step=step, config=asdict(config))
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)  # a run killed while saving keeps the previous checkpoint intact
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) a reference model; returns the exported transformers folder `out_dir/model`."""
+    if config.arch not in ARCHES:
+        raise InputError(f"unknown architecture {config.arch!r}; choose one of {', '.join(ARCHES)}")
+    torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
+    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if not resume and checkpoint_path.exists():
+        raise InputError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    dataset = JsonlConversations(config.data) if config.data else SynthVQATrain()
+    tokenizer = _tokenizer(config, dataset, out)
+    model, processor = build(config.arch, tokenizer, seed=config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    start = 0
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    # The log keeps exactly the steps the weights have seen: lines written after the last checkpoint are dropped.
+    kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start] if log_path.exists() else []
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+    model.train()
+    image_token_id = model.config.image_token_id
+    began = time.time()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train ref-{config.arch}")
+    with log_path.open("a") as log:
+        for step in bar:
+            conversations = [dataset[step * config.batch_size + i] for i in range(config.batch_size)]
+            batch = collate([encode(config.arch, processor, c) for c in conversations], tokenizer.pad_token_id, image_token_id)
+            loss = answer_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            record = dict(step=step, loss=round(loss.item(), 5), lr=scheduler.get_last_lr()[0], seconds=round(time.time() - began, 1))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, step + 1, config)
+    return export(model, processor, out / "model")
+
+
+def export(model, processor, folder: Path) -> Path:
+    """A transformers folder (safetensors + config + processor/tokenizer files) that `tokenomy.load` opens."""
+    model.eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -1,0 +1,116 @@
+"""Reference model architectures: small LLaVA and Qwen2-VL models in the transformers formats, with a BPE tokenizer
+trained on the task's own text so questions and answers are a few tokens each.
+
+Sizes are chosen so both models train to the synthvqa targets on two CPU cores in well under an hour each.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from tokenomy.errors import UnknownNameError
+from tokenomy.vlm.tiny import LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS
+
+IMAGE_SIZE = 128
+PATCH_SIZE = 8
+ARCHES = ("llava", "qwen")
+CHAT_TEMPLATES = {"llava": LLAVA_CHAT_TEMPLATE, "qwen": QWEN_CHAT_TEMPLATE}
+EOS_TOKENS = {"llava": "</s>", "qwen": "<|im_end|>"}  # what ends an assistant turn in each chat template
+
+LLM_SIZE = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3)
+VISION_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+
+
+def train_tokenizer(texts, arch: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`: every string still encodes, frequent words become single tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token=EOS_TOKENS[arch], pad_token="<pad>",
+        padding_side="left", chat_template=CHAT_TEMPLATES[arch],
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<pad>", "<s>", "</s>")]})
+    return tokenizer
+
+
+def _text_ids(tokenizer) -> dict:
+    return dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def _text_config(model_type: str, tokenizer, **extra) -> dict:
+    return dict(model_type=model_type, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                tie_word_embeddings=True, **LLM_SIZE, **_text_ids(tokenizer), **extra)
+
+
+def build_llava(tokenizer, seed: int = 0):
+    """CLIP ViT (with CLS) + 2-layer MLP projector + Llama, exactly LlavaForConditionalGeneration."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, **VISION_SIZE)
+    tokens_per_image = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    # The last ViT layer feeds the projector (-1): a layer -2 feature would leave the last layer untrained here.
+    config = LlavaConfig(
+        vision_config=vision, text_config=_text_config("llama", tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=tokens_per_image,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True, **_text_ids(tokenizer),
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    # The PIL processors are ~15x faster than the torchvision ones on small CPU images, and give the same pixels.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def build_qwen(tokenizer, seed: int = 0):
+    """Qwen2-VL: ViT without CLS, 2x2 patch merger into the LLM, M-RoPE; Qwen2VLForConditionalGeneration."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    head_dim = LLM_SIZE["hidden_size"] // LLM_SIZE["num_attention_heads"]
+    # M-RoPE splits the rotary half-dimension between (t, h, w) in Qwen2-VL's 1:1.5:1.5 proportion.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}
+    convert = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=_text_config("qwen2_vl_text", tokenizer, rope_parameters=rope),
+        vision_config=dict(depth=VISION_SIZE["num_hidden_layers"], embed_dim=VISION_SIZE["hidden_size"],
+                           hidden_size=LLM_SIZE["hidden_size"], num_heads=VISION_SIZE["num_attention_heads"],
+                           mlp_ratio=VISION_SIZE["intermediate_size"] // VISION_SIZE["hidden_size"], patch_size=PATCH_SIZE,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=convert("<|image_pad|>"), video_token_id=convert("<|video_pad|>"),
+        vision_start_token_id=convert("<|vision_start|>"), vision_end_token_id=convert("<|vision_end|>"),
+        tie_word_embeddings=True, **_text_ids(tokenizer),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    size = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
+    common = dict(size=size, patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**common), video_processor=Qwen2VLVideoProcessor(**common),
+        tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+BUILDERS = {"llava": build_llava, "qwen": build_qwen}
+
+
+def build(arch: str, tokenizer, seed: int = 0):
+    if arch not in BUILDERS:
+        raise UnknownNameError("reference architecture", arch, BUILDERS)
+    model, processor = BUILDERS[arch](tokenizer, seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
