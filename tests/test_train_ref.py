@@ -101,3 +101,24 @@ def test_train_ref_cli_on_user_vqa_jsonl(tmp_path):
     pipeline = tokenomy.load(str(out / "model"), reducer="random", keep=8)
     (generation,) = pipeline.generate([synthvqa.render(synthvqa.make_scene("val", 0))], ["What word is written?"], max_new_tokens=3)
     assert generation.stats["visual_tokens_in"] == 64 and generation.stats["visual_tokens_kept"] == 8
+
+
+def test_probe_labels_follow_the_scene():
+    from tokenomy.train.probe import HEADS, cell_labels
+
+    colors, shapes = list(synthvqa.COLORS), list(synthvqa.SHAPES)
+    for index in range(5):
+        scene = synthvqa.make_scene("train", index)
+        for grid in (16, 8):
+            labels = cell_labels(scene, synthvqa.render(scene), grid).view(grid, grid, len(HEADS))
+            cell = synthvqa.IMAGE_SIZE // grid
+            scene_colors = {1 + colors.index(o.color) for o in scene.objects}
+            large = [o for o in scene.objects if not o.small]
+            assert {1 + colors.index(o.color) for o in large} <= set(labels[..., 0].unique().tolist()) - {0} <= scene_colors
+            for o in large if grid == 16 else []:  # an 8 px cell at a large object's centre lies mostly inside it
+                assert labels[o.y // cell, o.x // cell].tolist()[:3] == [1 + colors.index(o.color), 1 + shapes.index(o.shape), 1]
+            words = labels[..., 3]
+            assert set(words.unique().tolist()) == {0, 1 + synthvqa.WORDS.index(scene.word)}
+            left, top, right, bottom = scene.text_box
+            assert (words[top // cell : bottom // cell + 1, left // cell : right // cell + 1] > 0).any()
+            assert (words[: max(0, top // cell - 1)] == 0).all()

@@ -15,6 +15,7 @@ import torch
 
 from tokenomy.errors import InputError
 from tokenomy.eval import synthvqa
+from tokenomy.train.probe import cell_labels
 from tokenomy.vlm.pipeline import load_image
 
 IGNORE = -100
@@ -25,6 +26,7 @@ MAX_TURNS = 8
 class Conversation:
     image: object  # PIL image or path
     turns: list  # [(question, answer)]
+    scene: object = None  # the synthvqa scene, when known: its cells supervise the visual-token probe
 
 
 def _segments(arch: str, turns):
@@ -46,8 +48,9 @@ def conversation_text(arch: str, conversation: Conversation) -> str:
     return "".join(text for text, _ in _segments(arch, conversation.turns))
 
 
-def encode(arch: str, processor, conversation: Conversation) -> dict:
-    """input_ids, labels (IGNORE except on answer tokens) and the processor's image tensors for one conversation."""
+def encode(arch: str, processor, conversation: Conversation, probe_grid: int | None = None) -> dict:
+    """input_ids, labels (IGNORE except on answer tokens) and the processor's image tensors for one conversation;
+    with `probe_grid`, also the scene's per-cell labels for the visual-token probe."""
     pieces = _segments(arch, conversation.turns)
     first = processor(text=[pieces[0][0]], images=[load_image(conversation.image)], return_tensors="pt")
     ids = [first["input_ids"][0]]
@@ -58,6 +61,8 @@ def encode(arch: str, processor, conversation: Conversation) -> dict:
         labels.append(piece.clone() if supervised else torch.full_like(piece, IGNORE))
     out = {key: value for key, value in first.items() if key not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     out["input_ids"], out["labels"] = torch.cat(ids), torch.cat(labels)
+    if probe_grid is not None:
+        out["cell_labels"] = cell_labels(conversation.scene, load_image(conversation.image), probe_grid)
     return out
 
 
@@ -75,6 +80,8 @@ def collate(encoded: list, pad_id: int, image_token_id: int) -> dict:
     if "image_grid_thw" in encoded[0]:
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
         batch["mm_token_type_ids"] = (input_ids == image_token_id).long()
+    if "cell_labels" in encoded[0]:
+        batch["cell_labels"] = torch.stack([e["cell_labels"] for e in encoded])
     return batch
 
 
@@ -88,7 +95,7 @@ class SynthVQATrain:
 
     def __getitem__(self, index: int) -> Conversation:
         scene = synthvqa.make_scene("train", index)
-        return Conversation(synthvqa.render(scene), self._turns(index, scene))
+        return Conversation(synthvqa.render(scene), self._turns(index, scene), scene)
 
     def texts(self, arch: str, limit: int = 2000):
         """Chat text of the first `limit` conversations, to train the tokenizer on (no images rendered)."""

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tokenomy.errors import InputError
 from tokenomy.train.data import IGNORE, JsonlConversations, SynthVQATrain, collate, encode
 from tokenomy.train.models import ARCHES, build, train_tokenizer
+from tokenomy.train.probe import VisualTokenProbe, probe_grid
 
 
 @dataclass
@@ -36,11 +37,12 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     vocab_size: int = 512
+    probe_weight: float = 1.0  # visual-token probe loss (synthvqa only; see tokenomy.train.probe); 0 turns it off
 
 
 def answer_loss(model, batch) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (labels != IGNORE), each predicted from the token before it."""
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "cell_labels")}
     logits = model(**inputs).logits
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
@@ -67,9 +69,11 @@ def _tokenizer(config: TrainConfig, dataset, out: Path):
     return tokenizer
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig):
+def _save_checkpoint(path: Path, model, probe, optimizer, scheduler, step: int, config: TrainConfig):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  step=step, config=asdict(config))
+    if probe is not None:
+        state["probe"] = probe.state_dict()
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)  # a run killed while saving keeps the previous checkpoint intact
@@ -89,12 +93,18 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     dataset = JsonlConversations(config.data) if config.data else SynthVQATrain()
     tokenizer = _tokenizer(config, dataset, out)
     model, processor = build(config.arch, tokenizer, seed=config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    # Scenes are known only for synthvqa: the probe needs them (a user's vqa-jsonl trains on answers alone).
+    probe = VisualTokenProbe(model) if isinstance(dataset, SynthVQATrain) and config.probe_weight > 0 else None
+    grid = probe_grid(model) if probe is not None else None
+    parameters = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)
         model.load_state_dict(state["model"])
+        if probe is not None:
+            probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
@@ -109,19 +119,22 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     with log_path.open("a") as log:
         for step in bar:
             conversations = [dataset[step * config.batch_size + i] for i in range(config.batch_size)]
-            batch = collate([encode(config.arch, processor, c) for c in conversations], tokenizer.pad_token_id, image_token_id)
+            batch = collate([encode(config.arch, processor, c, grid) for c in conversations], tokenizer.pad_token_id, image_token_id)
             loss = answer_loss(model, batch)
+            probe_loss = probe.loss(batch["cell_labels"]) if probe is not None else torch.zeros(())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            (loss + config.probe_weight * probe_loss).backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             scheduler.step()
-            record = dict(step=step, loss=round(loss.item(), 5), lr=scheduler.get_last_lr()[0], seconds=round(time.time() - began, 1))
+            record = dict(step=step, loss=round(loss.item(), 5), probe_loss=round(probe_loss.item(), 5), lr=scheduler.get_last_lr()[0], seconds=round(time.time() - began, 1))
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, step + 1, config)
+                _save_checkpoint(checkpoint_path, model, probe, optimizer, scheduler, step + 1, config)
+    if probe is not None:
+        probe.remove()
     return export(model, processor, out / "model")
 
 
