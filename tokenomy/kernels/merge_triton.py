@@ -1,0 +1,268 @@
+"""Fused Triton twin of :mod:`tokenomy.kernels.merge`: same functions, same signatures, same results.
+
+A merge is three launches (specs/generation.md §10.3):
+- K1 ``_match_kernel``: cosine similarity + per-row max/argmax, tiled over B rows and channels, so the
+  N_a×N_b score matrix never reaches memory; ties keep the first (lowest) B row, as ``argmax`` does.
+- K2 ``_select_kernel``: one program per sample sorts 64-bit keys (score, A position) in SRAM, takes the
+  r best rows, and writes every map of the plan (kept rows, src rows grouped by destination, CSR offsets,
+  the unmerge map) with prefix sums; no argsort/gather/scatter chain.
+- K3 ``_merge_kernel``: one program per output row walks its CSR list in a fixed order, so the
+  size-weighted mean is deterministic; each input row is read once, each output row written once.
+Unmerge is K5 ``_unmerge_kernel``: a gather through the unmerge map, fused with the residual add.
+
+Arithmetic is float32 inside every kernel whatever the storage dtype. Under ``TRITON_INTERPRET=1`` the
+kernels run on CPU tensors (the tests use that); block sizes are fixed (no autotuning), so the interpreter
+and the GPU run the same programs. K2 holds one sample's A set in SRAM: N_a up to 16384 (N = 32768 with the
+alternate partition); larger sets raise ShapeError.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenomy.errors import ShapeError
+from tokenomy.kernels.merge import (NORM_EPS, MergePlan, check_merge_inputs, check_metric, check_unmerge_inputs,
+                                    partition)
+
+MAX_SELECT = 16384
+
+
+# sizes that may equal 1 must not be specialised into constants: the kernels use them in tensor arithmetic
+@triton.jit(do_not_specialize=["n_a", "n_b", "n", "c", "n_protected"])
+def _match_kernel(metric, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected, eps,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    batch = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_a
+    a_tok = tl.load(a_idx + rows, mask=row_ok, other=0)
+    base = metric + batch.to(tl.int64) * n * c
+    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_M], tl.int64)
+    for j0 in range(0, n_b, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_b
+        b_tok = tl.load(b_idx + cols, mask=col_ok, other=0)
+        dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        sq_a = tl.zeros([BLOCK_M], tl.float32)
+        sq_b = tl.zeros([BLOCK_N], tl.float32)
+        for c0 in range(0, c, BLOCK_C):
+            ch = c0 + tl.arange(0, BLOCK_C)
+            ch_ok = ch < c
+            a = tl.load(base + a_tok[:, None] * c + ch[None, :], mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+            b = tl.load(base + b_tok[:, None] * c + ch[None, :], mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            dots = tl.dot(a, tl.trans(b), dots, input_precision=DOT_PRECISION)
+            a32 = a.to(tl.float32)
+            b32 = b.to(tl.float32)
+            sq_a += tl.sum(a32 * a32, axis=1)
+            sq_b += tl.sum(b32 * b32, axis=1)
+        inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), eps)
+        inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), eps)
+        scores = dots * inv_a[:, None] * inv_b[None, :]
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        tile_max, tile_arg = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_max > best  # strict: an equal score in a later tile keeps the earlier B row
+        best = tl.where(better, tile_max, best)
+        best_idx = tl.where(better, j0 + tile_arg.to(tl.int64), best_idx)
+    best = tl.where(rows < n_protected, float("-inf"), best)
+    best_idx = tl.where(rows < n_protected, 0, best_idx)
+    out = batch.to(tl.int64) * n_a + rows
+    tl.store(node_max + out, best, mask=row_ok)
+    tl.store(node_idx + out, best_idx, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n_a", "n_b", "n", "r"])
+def _select_kernel(node_max, node_idx, a_idx, b_idx, unm_idx, src_idx, dst_start, dst_count, out_row,
+                   n_a, n_b, n, r, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    batch = tl.program_id(0).to(tl.int64)
+    pos = tl.arange(0, BLOCK_A)
+    valid = pos < n_a
+    score = tl.load(node_max + batch * n_a + pos, mask=valid, other=float("-inf"))
+    # order-preserving integer image of -score (0.0 - score also turns -0.0 into +0.0); the low 32 bits hold
+    # the A position, so one ascending sort ranks by descending score with ties to the lower position
+    bits = (0.0 - score).to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = (ordered.to(tl.int64) << 32) | pos.to(tl.int64)
+    sorted_key = tl.sort(key)
+    threshold = tl.sum(tl.where(pos == r - 1, sorted_key, 0), axis=0)
+    is_src = valid & (key <= threshold) & (r > 0)
+    keep = valid & ~is_src
+    n_unm = n_a - r
+    unm_pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(unm_idx + batch * n_unm + unm_pos, pos.to(tl.int64), mask=keep)
+    dst = tl.load(node_idx + batch * n_a + pos, mask=valid, other=0)
+    a_tok = tl.load(a_idx + pos, mask=valid, other=0)
+    row = tl.where(keep, unm_pos.to(tl.int64), n_unm + dst)
+    tl.store(out_row + batch * n + a_tok, row, mask=valid)
+    cols = tl.arange(0, BLOCK_B)
+    col_ok = cols < n_b
+    b_tok = tl.load(b_idx + cols, mask=col_ok, other=0)
+    tl.store(out_row + batch * n + b_tok, n_unm + cols.to(tl.int64), mask=col_ok)
+    # src rows grouped by destination, ascending A position inside a group: the merge's summation order
+    group_key = tl.where(is_src, (dst << 32) | pos.to(tl.int64), ((pos.to(tl.int64) * 0 + n_b) << 32) | pos.to(tl.int64))
+    grouped = tl.sort(group_key)
+    tl.store(src_idx + batch * r + pos, grouped & 0xFFFFFFFF, mask=pos < r)
+    count = tl.histogram(dst.to(tl.int32), BLOCK_B, mask=is_src).to(tl.int64)
+    start = tl.cumsum(count, axis=0) - count
+    tl.store(dst_count + batch * n_b + cols, count, mask=col_ok)
+    tl.store(dst_start + batch * n_b + cols, start, mask=col_ok)
+
+
+@triton.jit
+def _size_of(size, offset, HAS_SIZE: tl.constexpr):
+    if HAS_SIZE:
+        return tl.load(size + offset)
+    else:
+        return tl.full([], 1.0, tl.float32)
+
+
+@triton.jit(do_not_specialize=["n", "n_a", "n_b", "r", "d"])
+def _merge_kernel(x, size, y, size_y, a_idx, b_idx, unm_idx, src_idx, dst_start, dst_count, n, n_a, n_b, r, d,
+                  HAS_SIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    n_unm = n_a - r
+    n_out = n - r
+    x_base = x + batch * n * d
+    y_row = y + (batch * n_out + row) * d
+    if row < n_unm:
+        tok = tl.load(a_idx + tl.load(unm_idx + batch * n_unm + row))
+        weight = _size_of(size, batch * n + tok, HAS_SIZE)
+        for c0 in range(0, d, BLOCK_D):
+            ch = c0 + tl.arange(0, BLOCK_D)
+            value = tl.load(x_base + tok * d + ch, mask=ch < d)
+            tl.store(y_row + ch, value, mask=ch < d)
+        tl.store(size_y + batch * n_out + row, weight)
+    else:
+        j = row - n_unm
+        tok = tl.load(b_idx + j)
+        start = tl.load(dst_start + batch * n_b + j)
+        count = tl.load(dst_count + batch * n_b + j)
+        own = _size_of(size, batch * n + tok, HAS_SIZE)
+        total_size = own
+        for k in range(0, count):
+            src_tok = tl.load(a_idx + tl.load(src_idx + batch * r + start + k))
+            total_size += _size_of(size, batch * n + src_tok, HAS_SIZE)
+        for c0 in range(0, d, BLOCK_D):
+            ch = c0 + tl.arange(0, BLOCK_D)
+            ch_ok = ch < d
+            acc = own * tl.load(x_base + tok * d + ch, mask=ch_ok, other=0.0).to(tl.float32)
+            for k in range(0, count):
+                src_tok = tl.load(a_idx + tl.load(src_idx + batch * r + start + k))
+                weight = _size_of(size, batch * n + src_tok, HAS_SIZE)
+                acc += weight * tl.load(x_base + src_tok * d + ch, mask=ch_ok, other=0.0).to(tl.float32)
+            tl.store(y_row + ch, (acc / total_size).to(y.dtype.element_ty), mask=ch_ok)
+        tl.store(size_y + batch * n_out + row, total_size)
+
+
+@triton.jit(do_not_specialize=["n", "n_out", "d"])
+def _unmerge_kernel(y, residual, out, out_row, n, n_out, d, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    src = tl.load(out_row + batch * n + tok)
+    y_row = y + (batch * n_out + src) * d
+    out_offset = (batch * n + tok) * d
+    for c0 in range(0, d, BLOCK_D):
+        ch = c0 + tl.arange(0, BLOCK_D)
+        ch_ok = ch < d
+        value = tl.load(y_row + ch, mask=ch_ok, other=0.0)
+        if HAS_RESIDUAL:
+            value = value.to(tl.float32) + tl.load(residual + out_offset + ch, mask=ch_ok, other=0.0).to(tl.float32)
+        tl.store(out + out_offset + ch, value.to(out.dtype.element_ty), mask=ch_ok)
+
+
+def _interpreting() -> bool:
+    return triton.knobs.runtime.interpret
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if not t.is_cuda and not _interpreting():
+        raise ShapeError(f"the Triton merge kernels need CUDA tensors (got {t.device}); use the torch backend "
+                         "or set TRITON_INTERPRET=1 before importing triton")
+
+
+def _block_d(d: int) -> int:
+    return min(1024, triton.next_power_of_2(d))
+
+
+def match(metric: torch.Tensor, r: int, protected: Sequence[int] = (), mode: str = "alternate", hw=None,
+          stride=(2, 2), k: int = 2, generator: Optional[torch.Generator] = None) -> MergePlan:
+    """Fused twin of :func:`tokenomy.kernels.merge.match` (K1 + K2)."""
+    batch, n = metric.shape[:2] if metric.dim() == 3 else (0, 0)
+    a_idx, b_idx, n_protected = partition(n, protected, mode, hw, stride, k, generator, metric.device)
+    n_a, n_b = a_idx.numel(), b_idx.numel()
+    check_metric(metric, r, n_a, n_b, n_protected)
+    _check_device(metric)
+    if n_a > MAX_SELECT or n_b > MAX_SELECT:
+        raise ShapeError(f"the Triton selection holds one sample's sets in SRAM: N_a={n_a}, N_b={n_b} exceed "
+                         f"{MAX_SELECT}; use the torch backend")
+    c = metric.shape[2]
+    device = metric.device
+    node_max = torch.empty(batch, n_a, dtype=torch.float32, device=device)
+    node_idx = torch.empty(batch, n_a, dtype=torch.long, device=device)
+    if n_b == 0:
+        node_max.fill_(float("-inf"))
+        node_idx.zero_()
+    elif n_a > 0:
+        # the interpreter runs numpy, which has no bfloat16 matmul: upcast tiles there and for fp32 inputs
+        upcast = _interpreting() or metric.dtype == torch.float32
+        block_c = 32 if _interpreting() else 64
+        grid = (batch, triton.cdiv(n_a, 64))
+        _match_kernel[grid](metric, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected, NORM_EPS,
+                            BLOCK_M=64, BLOCK_N=64, BLOCK_C=block_c, UPCAST=upcast,
+                            DOT_PRECISION="ieee" if upcast else "tf32")
+    unm_idx = torch.empty(batch, n_a - r, dtype=torch.long, device=device)
+    src_idx = torch.empty(batch, r, dtype=torch.long, device=device)
+    dst_start = torch.empty(batch, n_b, dtype=torch.long, device=device)
+    dst_count = torch.empty(batch, n_b, dtype=torch.long, device=device)
+    out_row = torch.empty(batch, n, dtype=torch.long, device=device)
+    if batch > 0 and n > 0:
+        block_a = max(16, triton.next_power_of_2(n_a))
+        block_b = max(16, triton.next_power_of_2(n_b))
+        _select_kernel[(batch,)](node_max, node_idx, a_idx, b_idx, unm_idx, src_idx, dst_start, dst_count, out_row,
+                                 n_a, n_b, n, r, BLOCK_A=block_a, BLOCK_B=block_b,
+                                 num_warps=8 if block_a >= 2048 else 4)
+    return MergePlan(n, r, a_idx, b_idx, n_protected, node_max, node_idx, unm_idx, src_idx, dst_start, dst_count,
+                     out_row)
+
+
+def merge(x: torch.Tensor, plan: MergePlan, size: Optional[torch.Tensor] = None):
+    """Fused twin of :func:`tokenomy.kernels.merge.merge` (K3)."""
+    check_merge_inputs(x, plan, size)
+    _check_device(x)
+    batch, n, d = x.shape
+    y = torch.empty(batch, plan.n_out, d, dtype=x.dtype, device=x.device)
+    size_y = torch.empty(batch, plan.n_out, dtype=torch.float32, device=x.device)
+    if batch > 0 and plan.n_out > 0 and d > 0:
+        _merge_kernel[(plan.n_out, batch)](x, x if size is None else size, y, size_y, plan.a_idx, plan.b_idx,
+                                           plan.unm_idx, plan.src_idx, plan.dst_start, plan.dst_count, n,
+                                           plan.a_idx.numel(), plan.b_idx.numel(), plan.r, d,
+                                           HAS_SIZE=size is not None, BLOCK_D=_block_d(d))
+    return y, size_y
+
+
+def _unmerge(y: torch.Tensor, plan: MergePlan, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    check_unmerge_inputs(y, plan, residual)
+    _check_device(y)
+    batch, n_out, d = y.shape
+    out = torch.empty(batch, plan.n, d, dtype=y.dtype, device=y.device)
+    if batch > 0 and plan.n > 0 and d > 0:
+        _unmerge_kernel[(plan.n, batch)](y, y if residual is None else residual, out, plan.out_row, plan.n, n_out, d,
+                                         HAS_RESIDUAL=residual is not None, BLOCK_D=_block_d(d))
+    return out
+
+
+def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Fused twin of :func:`tokenomy.kernels.merge.unmerge` (K5 without the residual)."""
+    return _unmerge(y, plan, None)
+
+
+def unmerge_add(y: torch.Tensor, plan: MergePlan, residual: torch.Tensor) -> torch.Tensor:
+    """Fused twin of :func:`tokenomy.kernels.merge.unmerge_add` (K5): one gather, one residual read, one write."""
+    return _unmerge(y, plan, residual)
