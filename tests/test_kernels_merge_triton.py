@@ -1,0 +1,113 @@
+"""The Triton twin equals the PyTorch reference: plans, merged tokens, sizes, unmerge.
+
+Without a GPU the kernels run in Triton's CPU interpreter, which must be switched on before the first import
+of tokenomy.kernels.merge_triton (Triton decides at decoration time); grids stay tiny because it is slow.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import tokenomy.kernels.merge as reference  # noqa: E402
+import tokenomy.kernels.merge_triton as fused  # noqa: E402
+from tokenomy.errors import ShapeError  # noqa: E402
+from tokenomy.kernels import dispatch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PLAN_INDEX_FIELDS = ("node_idx", "unm_idx", "src_idx", "dst_start", "dst_count", "out_row")
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def assert_plans_equal(want, got):
+    for field in PLAN_INDEX_FIELDS:
+        assert torch.equal(getattr(want, field), getattr(got, field)), field
+    torch.testing.assert_close(got.node_max, want.node_max, atol=1e-5, rtol=1e-5)
+
+
+def assert_twins_agree(metric, x, r, size=None, generator_seed=None, **match_kw):
+    """Both twins see the same inputs; a random partition gets a fresh generator with the same seed each."""
+    if generator_seed is not None:
+        match_kw["generator"] = torch.Generator().manual_seed(generator_seed)
+    want_plan = reference.match(metric, r, **match_kw)
+    if generator_seed is not None:
+        match_kw["generator"] = torch.Generator().manual_seed(generator_seed)
+    got_plan = fused.match(metric, r, **match_kw)
+    assert_plans_equal(want_plan, got_plan)
+    tol = TOLERANCE[x.dtype]
+    want_y, want_size = reference.merge(x, want_plan, size)
+    got_y, got_size = fused.merge(x, got_plan, size)
+    assert got_y.dtype == x.dtype and got_size.dtype == torch.float32
+    torch.testing.assert_close(got_y.float(), want_y.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got_size, want_size, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused.unmerge(want_y, want_plan), reference.unmerge(want_y, want_plan))
+    torch.testing.assert_close(fused.unmerge_add(want_y, want_plan, x).float(),
+                               reference.unmerge_add(want_y, want_plan, x).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("batch,n,c,d,r,dtype", [
+    (1, 9, 16, 8, 0, torch.float32),     # r = 0
+    (2, 13, 40, 24, 6, torch.float32),   # odd N, r = N // 2, channels over one block
+    (3, 20, 8, 8, 10, torch.float16),    # r = N / 2: every A row merges
+    (2, 17, 12, 40, 5, torch.bfloat16),
+    (2, 150, 8, 8, 37, torch.float32),   # N_b > one 64-column tile, N_a > one 64-row tile
+])
+def test_triton_equals_reference_on_random_shapes(batch, n, c, d, r, dtype):
+    gen = torch.Generator().manual_seed(n * 7 + r)
+    metric = torch.randn(batch, n, c, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(batch, n, d, generator=gen).to(DEVICE, dtype)
+    size = (torch.rand(batch, n, generator=gen) + 0.5).to(DEVICE)
+    assert_twins_agree(metric, x, r)
+    assert_twins_agree(metric, x, r, size)
+
+
+@pytest.mark.parametrize("match_kw", [
+    {"protected": (0,)},
+    {"protected": (0, 14, 15), "mode": "kth", "k": 3},
+    {"mode": "random2d", "hw": (4, 4), "generator_seed": 1},
+])
+def test_triton_equals_reference_with_protection_and_partitions(match_kw):
+    gen = torch.Generator().manual_seed(5)
+    metric = torch.randn(2, 16, 8, generator=gen).to(DEVICE)
+    x = torch.randn(2, 16, 8, generator=gen).to(DEVICE)
+    assert_twins_agree(metric, x, 3, **match_kw)
+
+
+def test_exact_similarity_ties_are_broken_the_same_way():
+    gen = torch.Generator().manual_seed(2)
+    basis = torch.tensor([[1.0, 0, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [0, 0, 3, 1]])
+    # integer vectors drawn from four: many A rows tie on their best score, many B rows tie as best match
+    metric = basis[torch.randint(0, 4, (2, 90), generator=gen)].to(DEVICE)
+    x = torch.randn(2, 90, 8, generator=gen).to(DEVICE)
+    plan = reference.match(metric, 30)
+    assert (plan.node_max[:, :, None] == plan.node_max[:, None, :]).sum() > 2 * 45 * 4  # ties really exist
+    assert_twins_agree(metric, x, 30)
+
+
+def test_triton_r0_round_trip_is_identity():
+    x = torch.randn(2, 11, 8).to(DEVICE)
+    plan = fused.match(torch.randn(2, 11, 16).to(DEVICE), 0)
+    y, size_y = fused.merge(x, plan)
+    assert torch.equal(fused.unmerge(y, plan), x)
+    assert torch.equal(size_y, torch.ones(2, 11, device=DEVICE))
+
+
+def test_triton_bad_input_raises_the_reference_errors():
+    metric = torch.randn(2, 10, 4).to(DEVICE)
+    with pytest.raises(ShapeError, match="r=6"):
+        fused.match(metric, 6)
+    with pytest.raises(ShapeError, match="contiguous"):
+        fused.match(metric.transpose(1, 2).contiguous().transpose(1, 2), 2)
+    plan = fused.match(metric, 2)
+    with pytest.raises(ShapeError, match="contiguous"):
+        fused.merge(torch.randn(2, 4, 10).to(DEVICE).transpose(1, 2), plan)
+
+
+def test_dispatch_reaches_triton_when_forced(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    metric = torch.randn(1, 9, 4).to(DEVICE)
+    plan = dispatch.match(metric, 2)
+    assert_plans_equal(reference.match(metric, 2), plan)
+    assert dispatch.resolve_backend(metric) == "triton"
