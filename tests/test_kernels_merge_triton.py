@@ -111,3 +111,22 @@ def test_dispatch_reaches_triton_when_forced(monkeypatch):
     plan = dispatch.match(metric, 2)
     assert_plans_equal(reference.match(metric, 2), plan)
     assert dispatch.resolve_backend(metric) == "triton"
+
+
+@torch.no_grad()
+def test_tome_patch_with_triton_kernels_equals_the_reference_patch():
+    import timm
+
+    from tokenomy.kernels import tome
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=3, num_classes=5,
+                              embed_dim=64, num_heads=2).eval().to(DEVICE)
+    pixels = torch.randn(2, 3, 48, 48).to(DEVICE)
+    with tome.patch(model, r=2, backend="torch") as handle:
+        want, want_source = model(pixels), handle.state.source
+    with tome.patch(model, r=2, backend="triton") as handle:
+        got, got_source = model(pixels), handle.state.source
+    assert handle.state.tokens == [10, 8, 6]
+    assert torch.equal(got_source, want_source)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
