@@ -227,7 +227,7 @@ def match(metric: torch.Tensor, r: int, protected: Sequence[int] = (), mode: str
         block_b = max(16, triton.next_power_of_2(n_b))
         _select_kernel[(batch,)](node_max, node_idx, a_idx, b_idx, unm_idx, src_idx, dst_start, dst_count, out_row,
                                  n_a, n_b, n, r, BLOCK_A=block_a, BLOCK_B=block_b,
-                                 num_warps=8 if block_a >= 2048 else 4)
+                                 num_warps=4 if block_a < 1024 else 8 if block_a < 8192 else 16)
     return MergePlan(n, r, a_idx, b_idx, n_protected, node_max, node_idx, unm_idx, src_idx, dst_start, dst_count,
                      out_row)
 
