@@ -85,7 +85,7 @@ def test_unmerge_keeps_kept_tokens_and_copies_destinations_to_sources():
 def test_protected_tokens_are_never_merged_and_stay_first():
     metric = torch.randn(2, 12, 4)
     metric[:, 0] = metric[:, 1]  # the CLS token is a perfect match of token 1, still it must not merge
-    plan = match(metric, 5, protected=(0, 11))
+    plan = match(metric, 5, protected=torch.tensor([11, 0]))
     assert plan.a_idx[:2].tolist() == [0, 11] and 11 not in plan.b_idx.tolist()
     assert torch.all(plan.unm_idx[:, :2] == torch.tensor([0, 1]))
     assert not torch.isin(plan.src_idx, torch.tensor([0, 1])).any()
@@ -96,7 +96,7 @@ def test_exact_ties_go_to_the_lowest_position():
     basis = torch.eye(3)
     metric = basis[torch.tensor([0, 1, 0, 1, 0, 2, 1, 1])][None]  # A = 0,0,0,1 ; B = 1,1,2,1
     plan = match(metric, 2)
-    # A rows 0..2 equal B row 1 nowhere; every A row ties across its candidates: first B row wins
+    # the e0 rows of A score 0 against every B row, the e1 row scores 1 against three: first B row wins
     assert plan.node_idx[0].tolist() == [0, 0, 0, 0]
     assert plan.node_max[0].tolist() == [0.0, 0.0, 0.0, 1.0]
     assert sorted(plan.src_idx[0].tolist()) == [0, 3]  # score 1 first, then the lowest position among the zeros

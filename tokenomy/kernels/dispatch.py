@@ -36,7 +36,7 @@ def _impl(tensor: torch.Tensor, backend: Optional[str]):
     return merge_triton
 
 
-def match(metric: torch.Tensor, r: int, protected: Sequence[int] = (), mode: str = "alternate", hw=None,
+def match(metric: torch.Tensor, r: int, protected: Optional[Sequence[int]] = (), mode: str = "alternate", hw=None,
           stride=(2, 2), k: int = 2, generator: Optional[torch.Generator] = None,
           backend: Optional[str] = None) -> MergePlan:
     """Bipartite soft matching: which r tokens merge into which (see tokenomy.kernels.merge)."""

@@ -82,13 +82,13 @@ class MergePlan:
         return self.n - self.r
 
 
-def partition(n: int, protected: Sequence[int] = (), mode: str = "alternate", hw=None, stride=(2, 2), k: int = 2,
+def partition(n: int, protected: Optional[Sequence[int]] = (), mode: str = "alternate", hw=None, stride=(2, 2), k: int = 2,
               generator: Optional[torch.Generator] = None, device=None):
     """Split positions 0..n-1 into (a_idx, b_idx, n_protected); see the module docstring for the modes.
 
     Partitions without a generator are cached per device, so a layer does not pay host-to-device copies.
     """
-    protected = tuple(sorted(set(int(p) for p in protected)))
+    protected = () if protected is None else tuple(sorted(set(int(p) for p in protected)))
     hw = None if hw is None else tuple(hw)
     if generator is not None:
         a_idx, b_idx, n_protected = _partition(n, protected, mode, hw, tuple(stride), k, generator)
@@ -215,7 +215,7 @@ def plan_from_scores(n: int, r: int, a_idx, b_idx, n_protected: int, node_max, n
                      out_row)
 
 
-def match(metric: torch.Tensor, r: int, protected: Sequence[int] = (), mode: str = "alternate", hw=None,
+def match(metric: torch.Tensor, r: int, protected: Optional[Sequence[int]] = (), mode: str = "alternate", hw=None,
           stride=(2, 2), k: int = 2, generator: Optional[torch.Generator] = None) -> MergePlan:
     """Bipartite soft matching: which r tokens merge into which. See the module docstring."""
     batch, n = metric.shape[:2] if metric.dim() == 3 else (0, 0)

@@ -191,7 +191,7 @@ def _block_d(d: int) -> int:
     return min(1024, triton.next_power_of_2(d))
 
 
-def match(metric: torch.Tensor, r: int, protected: Sequence[int] = (), mode: str = "alternate", hw=None,
+def match(metric: torch.Tensor, r: int, protected: Optional[Sequence[int]] = (), mode: str = "alternate", hw=None,
           stride=(2, 2), k: int = 2, generator: Optional[torch.Generator] = None) -> MergePlan:
     """Fused twin of :func:`tokenomy.kernels.merge.match` (K1 + K2)."""
     batch, n = metric.shape[:2] if metric.dim() == 3 else (0, 0)
