@@ -1,8 +1,9 @@
 """Fused Triton twin of :mod:`tokenomy.kernels.merge`: same functions, same signatures, same results.
 
-A merge is three launches (specs/generation.md §10.3):
+A merge is four launches (specs/generation.md §10.3):
 - K1 ``_match_kernel``: cosine similarity + per-row max/argmax, tiled over B rows and channels, so the
   N_a×N_b score matrix never reaches memory; ties keep the first (lowest) B row, as ``argmax`` does.
+  The inverse norms come from ``_inv_norm_kernel`` (one read of the metric into a [B, N] float32 buffer).
 - K2 ``_select_kernel``: one program per sample sorts 64-bit keys (score, A position) in SRAM, takes the
   r best rows, and writes every map of the plan (kept rows, src rows grouped by destination, CSR offsets,
   the unmerge map) with prefix sums; no argsort/gather/scatter chain.
@@ -31,15 +32,30 @@ MAX_SELECT = 16384
 
 
 # sizes that may equal 1 must not be specialised into constants: the kernels use them in tensor arithmetic
+@triton.jit(do_not_specialize=["rows", "c"])
+def _inv_norm_kernel(metric, inv_norm, rows, c, eps, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < rows
+    squares = tl.zeros([BLOCK_T], tl.float32)
+    for c0 in range(0, c, BLOCK_C):
+        ch = c0 + tl.arange(0, BLOCK_C)
+        m = tl.load(metric + tok[:, None] * c + ch[None, :], mask=tok_ok[:, None] & (ch < c)[None, :], other=0.0)
+        m = m.to(tl.float32)
+        squares += tl.sum(m * m, axis=1)
+    tl.store(inv_norm + tok, 1.0 / tl.maximum(tl.sqrt(squares), eps), mask=tok_ok)
+
+
 @triton.jit(do_not_specialize=["n_a", "n_b", "n", "c", "n_protected"])
-def _match_kernel(metric, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected, eps,
+def _match_kernel(metric, inv_norm, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    batch = tl.program_id(0)
+    batch = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
     a_tok = tl.load(a_idx + rows, mask=row_ok, other=0)
-    base = metric + batch.to(tl.int64) * n * c
+    base = metric + batch * n * c
+    # norms come precomputed: squaring tiles here would put CUDA-core work beside every tensor-core dot
+    inv_a = tl.load(inv_norm + batch * n + a_tok, mask=row_ok, other=0.0)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_M], tl.int64)
     for j0 in range(0, n_b, BLOCK_N):
@@ -47,8 +63,6 @@ def _match_kernel(metric, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_pr
         col_ok = cols < n_b
         b_tok = tl.load(b_idx + cols, mask=col_ok, other=0)
         dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        sq_a = tl.zeros([BLOCK_M], tl.float32)
-        sq_b = tl.zeros([BLOCK_N], tl.float32)
         for c0 in range(0, c, BLOCK_C):
             ch = c0 + tl.arange(0, BLOCK_C)
             ch_ok = ch < c
@@ -58,12 +72,7 @@ def _match_kernel(metric, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_pr
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             dots = tl.dot(a, tl.trans(b), dots, input_precision=DOT_PRECISION)
-            a32 = a.to(tl.float32)
-            b32 = b.to(tl.float32)
-            sq_a += tl.sum(a32 * a32, axis=1)
-            sq_b += tl.sum(b32 * b32, axis=1)
-        inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), eps)
-        inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), eps)
+        inv_b = tl.load(inv_norm + batch * n + b_tok, mask=col_ok, other=0.0)
         scores = dots * inv_a[:, None] * inv_b[None, :]
         scores = tl.where(col_ok[None, :], scores, float("-inf"))
         tile_max, tile_arg = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -72,7 +81,7 @@ def _match_kernel(metric, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_pr
         best_idx = tl.where(better, j0 + tile_arg.to(tl.int64), best_idx)
     best = tl.where(rows < n_protected, float("-inf"), best)
     best_idx = tl.where(rows < n_protected, 0, best_idx)
-    out = batch.to(tl.int64) * n_a + rows
+    out = batch * n_a + rows
     tl.store(node_max + out, best, mask=row_ok)
     tl.store(node_idx + out, best_idx, mask=row_ok)
 
@@ -187,6 +196,15 @@ def _check_device(t: torch.Tensor) -> None:
                          "or set TRITON_INTERPRET=1 before importing triton")
 
 
+def _match_config(batch: int, n_a: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_C, num_warps): fixed choices, no autotuning (the interpreter cannot run it)."""
+    if _interpreting():
+        return 64, 64, 32, 4
+    if batch * n_a >= 128 * 128:  # enough row tiles to fill the GPU with large tiles
+        return 128, 128, 64, 8
+    return 64, 64, 64, 4
+
+
 def _block_d(d: int) -> int:
     return min(1024, triton.next_power_of_2(d))
 
@@ -210,13 +228,16 @@ def match(metric: torch.Tensor, r: int, protected: Optional[Sequence[int]] = (),
         node_max.fill_(float("-inf"))
         node_idx.zero_()
     elif n_a > 0:
+        inv_norm = torch.empty(batch, n, dtype=torch.float32, device=device)
+        _inv_norm_kernel[(triton.cdiv(batch * n, 32),)](metric, inv_norm, batch * n, c, NORM_EPS, BLOCK_T=32,
+                                                         BLOCK_C=min(256, triton.next_power_of_2(c)))
         # the interpreter runs numpy, which has no bfloat16 matmul: upcast tiles there and for fp32 inputs
         upcast = _interpreting() or metric.dtype == torch.float32
-        block_c = 32 if _interpreting() else 64
-        grid = (batch, triton.cdiv(n_a, 64))
-        _match_kernel[grid](metric, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected, NORM_EPS,
-                            BLOCK_M=64, BLOCK_N=64, BLOCK_C=block_c, UPCAST=upcast,
-                            DOT_PRECISION="ieee" if upcast else "tf32")
+        block_m, block_n, block_c, warps = _match_config(batch, n_a)
+        _match_kernel[(batch, triton.cdiv(n_a, block_m))](
+            metric, inv_norm, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, UPCAST=upcast,
+            DOT_PRECISION="ieee" if upcast else "tf32", num_warps=warps, num_stages=3)
     unm_idx = torch.empty(batch, n_a - r, dtype=torch.long, device=device)
     src_idx = torch.empty(batch, r, dtype=torch.long, device=device)
     dst_start = torch.empty(batch, n_b, dtype=torch.long, device=device)
