@@ -130,3 +130,33 @@ def test_tome_patch_with_triton_kernels_equals_the_reference_patch():
     assert handle.state.tokens == [10, 8, 6]
     assert torch.equal(got_source, want_source)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,heads,n_q,n_kv,head_dim,dtype,with_bias", [
+    (2, 2, 9, 9, 16, torch.float32, True),
+    (1, 3, 40, 37, 32, torch.float32, True),   # more than one key tile, N_q != N_kv
+    (2, 1, 17, 17, 16, torch.float16, True),
+    (1, 2, 5, 5, 16, torch.bfloat16, False),
+])
+def test_triton_attention_with_log_size_bias_equals_reference(batch, heads, n_q, n_kv, head_dim, dtype, with_bias):
+    gen = torch.Generator().manual_seed(n_q + n_kv)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen).to(DEVICE, dtype)
+               for length in (n_q, n_kv, n_kv))
+    bias = (torch.rand(batch, n_kv, generator=gen) * 3 + 1).log().to(DEVICE) if with_bias else None
+    want = reference.attention(q.float(), k.float(), v.float(), bias)
+    got = fused.attention(q, k, v, bias)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_triton_attention_reads_strided_heads_and_refuses_what_it_does_not_cover():
+    qkv = torch.randn(2, 7, 3, 2, 16).to(DEVICE).permute(2, 0, 3, 1, 4)  # timm's layout: views, not copies
+    q, k, v = qkv.unbind(0)
+    bias = torch.rand(2, 7).to(DEVICE).log()
+    torch.testing.assert_close(fused.attention(q, k, v, bias), reference.attention(q, k, v, bias), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ShapeError, match="head dim"):
+        fused.attention(q[..., :12], k[..., :12], v[..., :12])
+    with pytest.raises(ShapeError, match="key_log_size"):
+        fused.attention(q, k, v, bias[:, :5])
+    odd = torch.randn(1, 1, 4, 12).to(DEVICE)
+    torch.testing.assert_close(dispatch.attention(odd, odd, odd, backend="triton"), reference.attention(odd, odd, odd))

@@ -14,7 +14,7 @@ import torch
 
 from tokenomy.errors import UnknownNameError
 from tokenomy.kernels import merge as reference
-from tokenomy.kernels.merge import MergePlan, attention, log_size_bias, partition
+from tokenomy.kernels.merge import MergePlan, log_size_bias, partition
 
 BACKENDS = ("torch", "triton")
 ENV_VAR = "TOKENOMY_MERGE_BACKEND"
@@ -56,6 +56,15 @@ def unmerge(y: torch.Tensor, plan: MergePlan, backend: Optional[str] = None) -> 
 def unmerge_add(y: torch.Tensor, plan: MergePlan, residual: torch.Tensor, backend: Optional[str] = None):
     """residual + unmerge(y), rounded once to residual's dtype."""
     return _impl(y, backend).unmerge_add(y, plan, residual)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_size: Optional[torch.Tensor] = None,
+              causal: bool = False, dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
+    """Attention with an optional per-key log-size bias; calls the Triton kernel does not cover use the reference."""
+    impl = _impl(q, backend)
+    if impl is not reference and not impl.attention_supported(q, causal, dropout_p):
+        impl = reference
+    return impl.attention(q, k, v, key_log_size, causal, dropout_p)
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "MergePlan", "attention", "log_size_bias", "match", "merge", "partition",

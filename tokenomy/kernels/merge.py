@@ -8,7 +8,7 @@ dispatched by :mod:`tokenomy.kernels.dispatch` to this file or to its Triton twi
     x_full = unmerge(y, plan)                   # every original position gets the row it was merged into
     x_out  = unmerge_add(y, plan, residual)     # residual + unmerge(y), one pass in the Triton twin
     bias   = log_size_bias(s_y)                 # add to attention logits per key: proportional attention
-    out    = attention(q, k, v, key_log_size=bias)
+    out    = attention(q, k, v, key_log_size=bias)     # q, k, v [B, H, N, D_h]; Triton twin: flash + bias
 
 Shapes: ``metric`` [B, N, C_m] (ToMe: keys averaged over heads), ``x`` [B, N, D], ``size`` [B, N] float32
 (missing = every token has size 1), ``r`` = tokens removed, ``y`` [B, N - r, D]. Inputs must be contiguous
@@ -261,17 +261,27 @@ def log_size_bias(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if size is None else size.float().log()
 
 
+def check_attention_inputs(q, k, v, key_log_size) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeError(f"q, k, v must be [B, H, N, D_h], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        raise ShapeError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not fit together")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ShapeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_log_size is not None and tuple(key_log_size.shape) != (k.shape[0], k.shape[2]):
+        raise ShapeError(f"key_log_size must be [B={k.shape[0]}, N_kv={k.shape[2]}], got {tuple(key_log_size.shape)}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_size: Optional[torch.Tensor] = None,
               causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
     """Softmax attention over [B, H, N, D_h] with an optional per-key log-size bias [B, N_kv].
 
-    A float mask stops PyTorch from using its FlashAttention backend; that is the cost proportional
-    attention pays until a fused kernel takes the bias directly.
+    A float mask stops PyTorch from using its FlashAttention backend (and is rounded to q's dtype); the
+    Triton twin adds the float32 bias inside a flash-attention loop instead.
     """
+    check_attention_inputs(q, k, v, key_log_size)
     mask = None
     if key_log_size is not None:
-        if key_log_size.shape != (k.shape[0], k.shape[2]):
-            raise ShapeError(f"key_log_size must be [B={k.shape[0]}, N_kv={k.shape[2]}], got {tuple(key_log_size.shape)}")
         mask = key_log_size.to(q.dtype)[:, None, None, :]
         if causal:
             keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])

@@ -10,6 +10,9 @@ A merge is four launches (specs/generation.md §10.3):
 - K3 ``_merge_kernel``: one program per output row walks its CSR list in a fixed order, so the
   size-weighted mean is deterministic; each input row is read once, each output row written once.
 Unmerge is K5 ``_unmerge_kernel``: a gather through the unmerge map, fused with the residual add.
+Proportional attention is K4 ``_attention_kernel``: flash attention (online softmax) that adds the float32
+log-size bias of each key tile to the logits, so no [B, 1, 1, N] float mask knocks PyTorch off FlashAttention.
+It covers non-causal, dropout-free calls with power-of-two head dims in 16..256 (``attention_supported``).
 
 Arithmetic is float32 inside every kernel whatever the storage dtype. Under ``TRITON_INTERPRET=1`` the
 kernels run on CPU tensors (the tests use that); block sizes are fixed (no autotuning), so the interpreter
@@ -25,8 +28,8 @@ import triton
 import triton.language as tl
 
 from tokenomy.errors import ShapeError
-from tokenomy.kernels.merge import (NORM_EPS, MergePlan, check_merge_inputs, check_metric, check_unmerge_inputs,
-                                    partition)
+from tokenomy.kernels.merge import (NORM_EPS, MergePlan, check_attention_inputs, check_merge_inputs, check_metric,
+                                    check_unmerge_inputs, partition)
 
 MAX_SELECT = 16384
 
@@ -186,6 +189,49 @@ def _unmerge_kernel(y, residual, out, out_row, n, n_out, d, HAS_RESIDUAL: tl.con
         tl.store(out + out_offset + ch, value.to(out.dtype.element_ty), mask=ch_ok)
 
 
+@triton.jit(do_not_specialize=["n_q", "n_kv", "heads"])
+def _attention_kernel(q, k, v, bias, out, n_q, n_kv, heads, scale,
+                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+    dims = tl.arange(0, HEAD_DIM)
+    q_tile = tl.load(q + batch * sq_b + head * sq_h + rows[:, None] * sq_n + dims[None, :], mask=row_ok[:, None],
+                     other=0.0)
+    if UPCAST:
+        q_tile = q_tile.to(tl.float32)
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for j0 in range(0, n_kv, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_kv
+        k_tile = tl.load(k + batch * sk_b + head * sk_h + cols[:, None] * sk_n + dims[None, :], mask=col_ok[:, None],
+                         other=0.0)
+        v_tile = tl.load(v + batch * sv_b + head * sv_h + cols[:, None] * sv_n + dims[None, :], mask=col_ok[:, None],
+                         other=0.0)
+        if UPCAST:
+            k_tile = k_tile.to(tl.float32)
+            v_tile = v_tile.to(tl.float32)
+        logits = tl.dot(q_tile, tl.trans(k_tile)) * scale
+        if HAS_BIAS:
+            logits += tl.load(bias + batch * n_kv + cols, mask=col_ok, other=0.0)[None, :]
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        weights = tl.exp(logits - new_max[:, None])
+        rescale = tl.exp(running_max - new_max)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v_tile.dtype), v_tile)
+        running_max = new_max
+    result = acc / running_sum[:, None]
+    out_rows = out + (pid_bh * n_q + rows[:, None]) * HEAD_DIM + dims[None, :]
+    tl.store(out_rows, result.to(out.dtype.element_ty), mask=row_ok[:, None])
+
+
 def _interpreting() -> bool:
     return triton.knobs.runtime.interpret
 
@@ -287,3 +333,38 @@ def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
 def unmerge_add(y: torch.Tensor, plan: MergePlan, residual: torch.Tensor) -> torch.Tensor:
     """Fused twin of :func:`tokenomy.kernels.merge.unmerge_add` (K5): one gather, one residual read, one write."""
     return _unmerge(y, plan, residual)
+
+
+def attention_supported(q: torch.Tensor, causal: bool = False, dropout_p: float = 0.0) -> bool:
+    """Whether K4 covers this call: non-causal, no dropout, head dim a power of two in 16..256."""
+    head_dim = q.shape[-1]
+    return not causal and dropout_p == 0.0 and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_size: Optional[torch.Tensor] = None,
+              causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """Fused twin of :func:`tokenomy.kernels.merge.attention` (K4): flash attention with a float32 per-key bias.
+
+    Only what ``attention_supported`` allows; the dispatcher sends the rest to the reference.
+    """
+    check_attention_inputs(q, k, v, key_log_size)
+    _check_device(q)
+    if not attention_supported(q, causal, dropout_p):
+        raise ShapeError(f"the Triton attention takes non-causal, dropout-free calls with a power-of-two head dim "
+                         f"in 16..256; got head dim {q.shape[-1]}, causal={causal}, dropout_p={dropout_p}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ShapeError("q, k and v need a contiguous last dimension")
+    if key_log_size is not None and (key_log_size.dtype != torch.float32 or not key_log_size.is_contiguous()):
+        raise ShapeError(f"key_log_size must be contiguous float32, got {key_log_size.dtype}")
+    batch, heads, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    out = torch.empty(batch, heads, n_q, head_dim, dtype=q.dtype, device=q.device)
+    upcast = _interpreting() or q.dtype == torch.float32
+    block = 32 if _interpreting() else 64
+    _attention_kernel[(triton.cdiv(n_q, block), batch * heads)](
+        q, k, v, q if key_log_size is None else key_log_size, out, n_q, n_kv, heads, head_dim ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        HAS_BIAS=key_log_size is not None, UPCAST=upcast, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block,
+        num_warps=4 if head_dim <= 64 else 8)
+    return out

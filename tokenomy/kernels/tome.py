@@ -47,8 +47,11 @@ class ToMeState:
     def reset(self) -> None:
         self.size, self.source, self.tokens = None, None, []
 
-    def attention_bias(self) -> Optional[torch.Tensor]:
-        return log_size_bias(self.size) if self.prop_attn else None
+    def attend(self, q, k, v, dropout_p: float) -> torch.Tensor:
+        """Attention of one block; proportional (log-size bias, fused kernel on CUDA) once tokens carry sizes."""
+        bias = log_size_bias(self.size) if self.prop_attn else None
+        # without a bias PyTorch's FlashAttention is the fastest choice, and r=0 stays the stock computation
+        return attention(q, k, v, bias, dropout_p=dropout_p, backend="torch" if bias is None else self.backend)
 
     def merge_step(self, block_index: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
         """Merge this block's r tokens of x (after attention, before the MLP); record the bookkeeping."""
@@ -162,7 +165,7 @@ def _timm_block_forward(block, state, index, x, attn_mask=None, is_causal=False)
     gate = attn.gate(h).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = attention(q, k, v, state.attention_bias(), dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = state.attend(q, k, v, attn.attn_drop.p if attn.training else 0.0)
     out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
     if gate is not None:
         out = out * gate
@@ -179,7 +182,7 @@ def _open_clip_block_forward(block, state, index, q_x, k_x=None, v_x=None, attn_
     heads = mha.num_heads
     q, k, v = (t.reshape(batch, n, heads, width // heads).transpose(1, 2)
                for t in torch.nn.functional.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1))
-    out = attention(q, k, v, state.attention_bias(), dropout_p=mha.dropout if mha.training else 0.0)
+    out = state.attend(q, k, v, mha.dropout if mha.training else 0.0)
     x = q_x + block.ls_1(mha.out_proj(out.transpose(1, 2).reshape(batch, n, width)))
     x = state.merge_step(index, x, k.mean(1))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -192,7 +195,7 @@ def _clip_layer_forward(layer, state, index, hidden_states, attention_mask=None,
     batch, n, width = h.shape
     q, k, v = (proj(h).view(batch, n, attn.num_heads, attn.head_dim).transpose(1, 2)
                for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    out = attention(q, k, v, state.attention_bias(), dropout_p=attn.dropout if attn.training else 0.0)
+    out = state.attend(q, k, v, attn.dropout if attn.training else 0.0)
     x = hidden_states + attn.out_proj(out.transpose(1, 2).reshape(batch, n, width))
     x = state.merge_step(index, x, k.mean(1))
     return x + layer.mlp(layer.layer_norm2(x))
