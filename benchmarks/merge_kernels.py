@@ -5,10 +5,12 @@ GPU run (the numbers the issue asks for; bf16, N in {576, 2880, 16384}, D in {10
 CPU smoke run (proves the script works; the timings mean nothing, Triton runs in its interpreter):
     TRITON_INTERPRET=1 python benchmarks/merge_kernels.py --quick --out /tmp/merge_kernels.json
 
-Kernel rows time one merge step (match + merge, the metric is the hidden state itself as in ToMe-SD) and
-one unmerge_add. floor = max(bytes that must move / measured copy bandwidth, similarity FLOPs
+Kernel rows time one merge step (match + merge, the metric is the hidden state itself as in ToMe-SD), one
+unmerge_add, and one proportional attention (D/64 heads of 64, log-size bias; torch = SDPA with a float mask,
+and SDPA without any bias, i.e. FlashAttention, is recorded beside it as sdpa_without_bias_ms). floor = max(bytes that must move / measured copy bandwidth, similarity FLOPs
 2·B·N_a·N_b·D / measured matmul rate); "% floor" = floor / Triton time. Bytes that must move: the metric and
-x read once, y written once (merge); y and the residual read once, the output written once (unmerge_add).
+x read once, y written once (merge); y and the residual read once, the output written once (unmerge_add);
+q, k, v read and the output written once, 4·B·N²·D FLOPs (attention).
 ViT rows: images/s of random-weight timm ViTs with and without the ToMe patch at several r.
 """
 from __future__ import annotations
@@ -41,6 +43,8 @@ def parse_args():
     parser.add_argument("--vit", nargs="*", default=["vit_base_patch16_224:8,13,16", "vit_large_patch14_clip_336:8,16,23"],
                         help="timm model:r,r,... (random weights); empty to skip")
     parser.add_argument("--vit-batch", type=int, default=64)
+    parser.add_argument("--vit-backends", nargs="+", choices=dispatch.BACKENDS,
+                        help="merge backends for the patched ViTs (default: triton and torch on CUDA, torch elsewhere)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement off the GPU")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a tiny ViT: a CPU smoke run")
@@ -117,7 +121,17 @@ def kernel_rows(args, device, dtype, bandwidth, flop_rate):
                 lambda: dispatch.unmerge_add(y, plan, x, backend=backend), device, args.repeats)
         if compiled is not None:
             times[("merge", "compiled")] = timed_ms(lambda: compiled(x, r), device, args.repeats)
-        for op, moved, op_flops in (("merge", merge_bytes, flops), ("unmerge_add", unmerge_bytes, 0)):
+        heads = max(1, d // 64)
+        q, k, v = (torch.randn(batch, heads, n, d // heads, device=device, dtype=dtype) for _ in range(3))
+        bias = torch.rand(batch, n, device=device).add(1).log()
+        for backend in backends:
+            times[("attention", backend)] = timed_ms(
+                lambda: dispatch.attention(q, k, v, bias, backend=backend), device, args.repeats)
+        no_bias_ms = timed_ms(lambda: dispatch.attention(q, k, v, backend="torch"), device, args.repeats)
+        attention_bytes = 4 * batch * n * d * element
+        attention_flops = 4 * batch * n * n * d
+        for op, moved, op_flops in (("merge", merge_bytes, flops), ("unmerge_add", unmerge_bytes, 0),
+                                    ("attention", attention_bytes, attention_flops)):
             floor_ms = max(moved / bandwidth, op_flops / flop_rate) * 1e3
             fused = times.get((op, "triton"))
             rows.append({
@@ -126,6 +140,7 @@ def kernel_rows(args, device, dtype, bandwidth, flop_rate):
                 "speedup": times[(op, "torch")] / fused if fused else None,
                 "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / fused if fused else None,
                 "triton_gbps": moved / (fused * 1e-3) / 1e9 if fused else None,
+                "sdpa_without_bias_ms": no_bias_ms if op == "attention" else None,
             })
     return rows
 
@@ -143,18 +158,19 @@ def vit_rows(args, device, dtype):
         model = timm.create_model(name, pretrained=False, **kwargs).to(device, dtype).eval()
         size = model.patch_embed.img_size
         images = torch.randn(args.vit_batch, 3, *size, device=device, dtype=dtype)
-        settings = [None] + [int(v) for v in r_list.split(",")]
-        for r in tqdm(settings, desc=name):
+        backends = args.vit_backends or (["triton", "torch"] if device.type == "cuda" else ["torch"])
+        settings = [(None, None)] + [(int(v), backend) for v in r_list.split(",") for backend in backends]
+        for r, backend in tqdm(settings, desc=name):
             with torch.no_grad():
                 if r is None:
                     ms = timed_ms(lambda: model(images), device, args.repeats)
                     tokens = None
                 else:
-                    with tome.patch(model, r=r) as handle:
+                    with tome.patch(model, r=r, backend=backend) as handle:
                         ms = timed_ms(lambda: model(images), device, args.repeats)
                         merged = handle.state.size
                         tokens = handle.state.tokens[0] if merged is None else merged.shape[1]
-            rows.append({"model": name, "batch": args.vit_batch, "r": r, "final_tokens": tokens,
+            rows.append({"model": name, "batch": args.vit_batch, "r": r, "backend": backend, "final_tokens": tokens,
                          "images_per_s": args.vit_batch / (ms * 1e-3), "ms": ms})
     return rows
 
@@ -175,10 +191,10 @@ def print_tables(kernels, vits, device_name):
               f"{row['floor_ms']:>10.3f}{fmt(row['pct_of_floor'], '.0f'):>9}{fmt(row['triton_gbps'], '.0f'):>8}")
     if vits:
         print(f"\nViT throughput with the ToMe patch (random weights) on {device_name}")
-        print(f"{'model':<30}{'batch':>6}{'r':>5}{'final tokens':>14}{'images/s':>11}")
+        print(f"{'model':<30}{'batch':>6}{'r':>5}{'backend':>9}{'final tokens':>14}{'images/s':>11}")
         for row in vits:
-            print(f"{row['model']:<30}{row['batch']:>6}{fmt(row['r'], 'd'):>5}{fmt(row['final_tokens'], 'd'):>14}"
-                  f"{row['images_per_s']:>11.1f}")
+            print(f"{row['model']:<30}{row['batch']:>6}{fmt(row['r'], 'd'):>5}{row['backend'] or 'stock':>9}"
+                  f"{fmt(row['final_tokens'], 'd'):>14}{row['images_per_s']:>11.1f}")
 
 
 def main():
