@@ -6,11 +6,12 @@ CPU smoke run (proves the script works; the timings mean nothing, Triton runs in
     TRITON_INTERPRET=1 python benchmarks/merge_kernels.py --quick --out /tmp/merge_kernels.json
 
 Kernel rows time one merge step (match + merge, the metric is the hidden state itself as in ToMe-SD), one
-unmerge_add, and one proportional attention (D/64 heads of 64, log-size bias; torch = SDPA with a float mask,
-and SDPA without any bias, i.e. FlashAttention, is recorded beside it as sdpa_without_bias_ms). floor = max(bytes that must move / measured copy bandwidth, similarity FLOPs
-2·B·N_a·N_b·D / measured matmul rate); "% floor" = floor / Triton time. Bytes that must move: the metric and
-x read once, y written once (merge); y and the residual read once, the output written once (unmerge_add);
-q, k, v read and the output written once, 4·B·N²·D FLOPs (attention).
+unmerge_add, and one proportional attention (D/64 heads of 64 with a log-size bias; torch = SDPA with a float
+mask; SDPA without any bias, i.e. FlashAttention, is recorded beside it as sdpa_without_bias_ms).
+floor = max(bytes that must move / measured copy bandwidth, FLOPs / measured matmul rate); "% floor" = floor /
+Triton time. Merge: the metric and x read once, y written once, 2·B·N_a·N_b·D similarity FLOPs. unmerge_add:
+y and the residual read once, the output written once. Attention: q, k, v read and the output written once,
+4·B·N²·D FLOPs.
 ViT rows: images/s of random-weight timm ViTs with and without the ToMe patch at several r.
 """
 from __future__ import annotations
@@ -40,8 +41,9 @@ def parse_args():
     parser.add_argument("--d", type=int, nargs="+", default=[1024, 3584])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--r-frac", type=float, default=0.25, help="tokens removed per merge, as a fraction of N")
-    parser.add_argument("--vit", nargs="*", default=["vit_base_patch16_224:8,13,16", "vit_large_patch14_clip_336:8,16,23"],
-                        help="timm model:r,r,... (random weights); empty to skip")
+    parser.add_argument("--vit", nargs="*",
+                        default=["vit_base_patch16_224:8,13,16", "vit_large_patch14_clip_336:8,16,23"],
+                        help="timm model[@image size]:r,r,... (random weights); give the flag alone to skip")
     parser.add_argument("--vit-batch", type=int, default=64)
     parser.add_argument("--vit-backends", nargs="+", choices=dispatch.BACKENDS,
                         help="merge backends for the patched ViTs (default: triton and torch on CUDA, torch elsewhere)")
@@ -202,7 +204,10 @@ def main():
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()})"
     if device.type == "cpu" and triton_available(device):
         device_name += ", Triton in its interpreter"
     bandwidth, flop_rate = copy_bandwidth(device, args.repeats), matmul_rate(device, dtype, args.repeats)

@@ -137,13 +137,17 @@ def test_proportional_attention_over_merged_duplicates_equals_full_attention():
     (lambda: match(torch.randn(2, 4, 10).transpose(1, 2), 2), "contiguous"),
     (lambda: match(torch.randn(10, 4), 2), r"\[B, N, C\]"),
     (lambda: match(torch.randint(0, 3, (2, 10, 4)), 2), "floating"),
-    (lambda: match(torch.randn(2, 10, 4), 2, mode="checker"), "checker"),
     (lambda: match(torch.randn(2, 10, 4), 2, mode="random2d", hw=(3, 3)), "hw"),
     (lambda: match(torch.randn(2, 10, 4), 2, protected=(10,)), "protected"),
 ])
 def test_bad_match_input_raises(call, message):
     with pytest.raises(ShapeError, match=message):
         call()
+
+
+def test_unknown_partition_mode_lists_the_known_ones():
+    with pytest.raises(UnknownNameError, match="random2d"):
+        match(torch.randn(2, 10, 4), 2, mode="checker")
 
 
 def test_bad_merge_input_raises():

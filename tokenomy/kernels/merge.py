@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from tokenomy.errors import ShapeError
+from tokenomy.errors import ShapeError, UnknownNameError
 
 MODES = ("alternate", "kth", "random2d")
 NORM_EPS = 1e-12
@@ -82,8 +82,8 @@ class MergePlan:
         return self.n - self.r
 
 
-def partition(n: int, protected: Optional[Sequence[int]] = (), mode: str = "alternate", hw=None, stride=(2, 2), k: int = 2,
-              generator: Optional[torch.Generator] = None, device=None):
+def partition(n: int, protected: Optional[Sequence[int]] = (), mode: str = "alternate", hw=None, stride=(2, 2),
+              k: int = 2, generator: Optional[torch.Generator] = None, device=None):
     """Split positions 0..n-1 into (a_idx, b_idx, n_protected); see the module docstring for the modes.
 
     Partitions without a generator are cached per device, so a layer does not pay host-to-device copies.
@@ -126,7 +126,7 @@ def _partition(n, protected, mode, hw, stride, k, generator):
         is_dst = torch.zeros(n, dtype=torch.bool)
         is_dst[(rows * w + cols).flatten()] = True
     else:
-        raise ShapeError(f"unknown partition mode {mode!r}; known modes: {', '.join(MODES)}")
+        raise UnknownNameError("partition mode", mode, MODES)
     is_protected = torch.zeros(n, dtype=torch.bool)
     is_protected[list(protected)] = True
     is_dst &= ~is_protected

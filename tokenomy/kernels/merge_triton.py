@@ -117,7 +117,9 @@ def _select_kernel(node_max, node_idx, a_idx, b_idx, unm_idx, src_idx, dst_start
     b_tok = tl.load(b_idx + cols, mask=col_ok, other=0)
     tl.store(out_row + batch * n + b_tok, n_unm + cols.to(tl.int64), mask=col_ok)
     # src rows grouped by destination, ascending A position inside a group: the merge's summation order
-    group_key = tl.where(is_src, (dst << 32) | pos.to(tl.int64), ((pos.to(tl.int64) * 0 + n_b) << 32) | pos.to(tl.int64))
+    pos64 = pos.to(tl.int64)
+    past_every_dst = (pos64 * 0 + n_b) << 32
+    group_key = tl.where(is_src, (dst << 32) | pos64, past_every_dst | pos64)
     grouped = tl.sort(group_key)
     tl.store(src_idx + batch * r + pos, grouped & 0xFFFFFFFF, mask=pos < r)
     count = tl.histogram(dst.to(tl.int32), BLOCK_B, mask=is_src).to(tl.int64)
