@@ -160,3 +160,10 @@ def test_triton_attention_reads_strided_heads_and_refuses_what_it_does_not_cover
         fused.attention(q, k, v, bias[:, :5])
     odd = torch.randn(1, 1, 4, 12).to(DEVICE)
     torch.testing.assert_close(dispatch.attention(odd, odd, odd, backend="triton"), reference.attention(odd, odd, odd))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; CUDA tensors are always accepted")
+def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ShapeError, match="need CUDA tensors"):
+        fused.match(torch.randn(1, 8, 4), 2)

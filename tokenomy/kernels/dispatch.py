@@ -1,12 +1,14 @@
 """Pick the Triton or the PyTorch implementation of the token-merging functions, per call.
 
 Order of precedence: the ``backend=`` argument, then the ``TOKENOMY_MERGE_BACKEND`` environment variable
-(``triton`` or ``torch``), then the device: Triton for CUDA tensors, the reference for everything else.
-Forcing ``triton`` on CPU tensors works only under ``TRITON_INTERPRET=1`` (set before triton is imported),
+(``triton`` or ``torch``), then the device: Triton for CUDA tensors when triton is installed, the reference
+for everything else.
+Forcing ``triton`` on CPU tensors works only under ``TRITON_INTERPRET=1`` (set before merge_triton is imported),
 otherwise it raises ShapeError. The functions keep the signatures documented in :mod:`tokenomy.kernels.merge`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Optional, Sequence
 
@@ -17,12 +19,13 @@ from tokenomy.kernels import merge as reference
 from tokenomy.kernels.merge import MergePlan, log_size_bias, partition
 
 BACKENDS = ("torch", "triton")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # triton is a Linux-only dependency
 ENV_VAR = "TOKENOMY_MERGE_BACKEND"
 
 
 def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
     """The backend a call on ``tensor`` uses: argument, then environment, then device."""
-    chosen = backend or os.environ.get(ENV_VAR) or ("triton" if tensor.is_cuda else "torch")
+    chosen = backend or os.environ.get(ENV_VAR) or ("triton" if tensor.is_cuda and _HAS_TRITON else "torch")
     if chosen not in BACKENDS:
         raise UnknownNameError("merge backend", chosen, BACKENDS)
     return chosen
