@@ -34,8 +34,9 @@ from tokenomy.kernels.merge import (NORM_EPS, MergePlan, check_attention_inputs,
 MAX_SELECT = 16384
 
 
-# sizes that may equal 1 must not be specialised into constants: the kernels use them in tensor arithmetic
-@triton.jit(do_not_specialize=["rows", "c"])
+# token counts that may equal 1 must not be specialised into constants (the kernels use them in tensor
+# arithmetic); channel counts and strides stay specialisable, so a multiple of 16 gives aligned vector loads
+@triton.jit(do_not_specialize=["rows"])
 def _inv_norm_kernel(metric, inv_norm, rows, c, eps, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < rows
@@ -48,45 +49,58 @@ def _inv_norm_kernel(metric, inv_norm, rows, c, eps, BLOCK_T: tl.constexpr, BLOC
     tl.store(inv_norm + tok, 1.0 / tl.maximum(tl.sqrt(squares), eps), mask=tok_ok)
 
 
-@triton.jit(do_not_specialize=["n_a", "n_b", "n", "c", "n_protected"])
+@triton.jit(do_not_specialize=["n_a", "n_b", "n", "n_protected"])
 def _match_kernel(metric, inv_norm, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
-    a_tok = tl.load(a_idx + rows, mask=row_ok, other=0)
+    # offsets inside one sample fit in 32 bits (N·C < 2^31 is checked by the host); 64-bit offsets spill
+    a_tok = tl.load(a_idx + rows, mask=row_ok, other=0).to(tl.int32)
     base = metric + batch * n * c
+    chans = tl.arange(0, BLOCK_C)
+    a_ptrs = base + a_tok[:, None] * c + chans[None, :]
     # norms come precomputed: squaring tiles here would put CUDA-core work beside every tensor-core dot
     inv_a = tl.load(inv_norm + batch * n + a_tok, mask=row_ok, other=0.0)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_M], tl.int64)
-    for j0 in range(0, n_b, BLOCK_N):
+    best_idx = tl.zeros([BLOCK_M], tl.int32)
+    dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # one flat loop over (B tile, channel block) with the row-max epilogue inside: Triton software-pipelines
+    # the loads of a single loop, not of the inner loop of a nest
+    c_blocks = tl.cdiv(c, BLOCK_C)
+    for step in range(0, tl.cdiv(n_b, BLOCK_N) * c_blocks):
+        j0 = (step // c_blocks) * BLOCK_N
+        c0 = (step % c_blocks) * BLOCK_C
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_b
-        b_tok = tl.load(b_idx + cols, mask=col_ok, other=0)
-        dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for c0 in range(0, c, BLOCK_C):
-            ch = c0 + tl.arange(0, BLOCK_C)
-            ch_ok = ch < c
-            a = tl.load(base + a_tok[:, None] * c + ch[None, :], mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
-            b = tl.load(base + b_tok[:, None] * c + ch[None, :], mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            dots = tl.dot(a, tl.trans(b), dots, input_precision=DOT_PRECISION)
-        inv_b = tl.load(inv_norm + batch * n + b_tok, mask=col_ok, other=0.0)
-        scores = dots * inv_a[:, None] * inv_b[None, :]
-        scores = tl.where(col_ok[None, :], scores, float("-inf"))
-        tile_max, tile_arg = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_max > best  # strict: an equal score in a later tile keeps the earlier B row
-        best = tl.where(better, tile_max, best)
-        best_idx = tl.where(better, j0 + tile_arg.to(tl.int64), best_idx)
+        b_tok = tl.load(b_idx + cols, mask=col_ok, other=0).to(tl.int32)
+        b_ptrs = base + b_tok[:, None] * c + chans[None, :]
+        if EVEN_C:
+            a = tl.load(a_ptrs + c0, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs + c0, mask=col_ok[:, None], other=0.0)
+        else:
+            ch_ok = (c0 + chans) < c
+            a = tl.load(a_ptrs + c0, mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs + c0, mask=col_ok[:, None] & ch_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        dots = tl.dot(a, tl.trans(b), dots, input_precision=DOT_PRECISION)
+        if step % c_blocks == c_blocks - 1:
+            inv_b = tl.load(inv_norm + batch * n + b_tok, mask=col_ok, other=0.0)
+            scores = dots * inv_a[:, None] * inv_b[None, :]
+            scores = tl.where(col_ok[None, :], scores, float("-inf"))
+            tile_max, tile_arg = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            better = tile_max > best  # strict: an equal score in a later tile keeps the earlier B row
+            best = tl.where(better, tile_max, best)
+            best_idx = tl.where(better, j0 + tile_arg, best_idx)
+            dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     best = tl.where(rows < n_protected, float("-inf"), best)
     best_idx = tl.where(rows < n_protected, 0, best_idx)
     out = batch * n_a + rows
     tl.store(node_max + out, best, mask=row_ok)
-    tl.store(node_idx + out, best_idx, mask=row_ok)
+    tl.store(node_idx + out, best_idx.to(tl.int64), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_a", "n_b", "n", "r"])
@@ -136,7 +150,7 @@ def _size_of(size, offset, HAS_SIZE: tl.constexpr):
         return tl.full([], 1.0, tl.float32)
 
 
-@triton.jit(do_not_specialize=["n", "n_a", "n_b", "r", "d"])
+@triton.jit(do_not_specialize=["n", "n_a", "n_b", "r"])
 def _merge_kernel(x, size, y, size_y, a_idx, b_idx, unm_idx, src_idx, dst_start, dst_count, n, n_a, n_b, r, d,
                   HAS_SIZE: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
@@ -175,7 +189,7 @@ def _merge_kernel(x, size, y, size_y, a_idx, b_idx, unm_idx, src_idx, dst_start,
         tl.store(size_y + batch * n_out + row, total_size)
 
 
-@triton.jit(do_not_specialize=["n", "n_out", "d"])
+@triton.jit(do_not_specialize=["n", "n_out"])
 def _unmerge_kernel(y, residual, out, out_row, n, n_out, d, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -265,6 +279,9 @@ def match(metric: torch.Tensor, r: int, protected: Optional[Sequence[int]] = (),
     n_a, n_b = a_idx.numel(), b_idx.numel()
     check_metric(metric, r, n_a, n_b, n_protected)
     _check_device(metric)
+    if n * metric.shape[2] >= 2 ** 31:
+        raise ShapeError(f"one sample of the metric has N·C = {n * metric.shape[2]} elements, past the 32-bit "
+                         "offsets of the Triton kernels; use the torch backend")
     if n_a > MAX_SELECT or n_b > MAX_SELECT:
         raise ShapeError(f"the Triton selection holds one sample's sets in SRAM: N_a={n_a}, N_b={n_b} exceed "
                          f"{MAX_SELECT}; use the torch backend")
@@ -284,7 +301,7 @@ def match(metric: torch.Tensor, r: int, protected: Optional[Sequence[int]] = (),
         block_m, block_n, block_c, warps = _match_config(batch, n_a)
         _match_kernel[(batch, triton.cdiv(n_a, block_m))](
             metric, inv_norm, a_idx, b_idx, node_max, node_idx, n_a, n_b, n, c, n_protected,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, UPCAST=upcast,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=c % block_c == 0, UPCAST=upcast,
             DOT_PRECISION="ieee" if upcast else "tf32", num_warps=warps, num_stages=3)
     unm_idx = torch.empty(batch, n_a - r, dtype=torch.long, device=device)
     src_idx = torch.empty(batch, r, dtype=torch.long, device=device)
