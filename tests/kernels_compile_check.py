@@ -63,7 +63,7 @@ def main():
     spills["merge"] = compile_for_hopper(fused._merge_kernel, types, {"HAS_SIZE": True, "BLOCK_D": 1024})
     spills["unmerge_add"] = compile_for_hopper(fused._unmerge_kernel, types, {"HAS_RESIDUAL": True, "BLOCK_D": 1024})
     spills["attention"] = compile_for_hopper(fused._attention_kernel, types, {
-        "HAS_BIAS": True, "UPCAST": False, "HEAD_DIM": 64, "BLOCK_M": 64, "BLOCK_N": 64})
+        "HAS_BIAS": True, "UPCAST": False, "DOT_PRECISION": "tf32", "HEAD_DIM": 64, "BLOCK_M": 64, "BLOCK_N": 64})
     json.dump(spills, sys.stdout)
 
 

@@ -208,8 +208,8 @@ def _unmerge_kernel(y, residual, out, out_row, n, n_out, d, HAS_RESIDUAL: tl.con
 @triton.jit(do_not_specialize=["n_q", "n_kv", "heads"])
 def _attention_kernel(q, k, v, bias, out, n_q, n_kv, heads, scale,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // heads
     head = pid_bh % heads
@@ -233,7 +233,7 @@ def _attention_kernel(q, k, v, bias, out, n_q, n_kv, heads, scale,
         if UPCAST:
             k_tile = k_tile.to(tl.float32)
             v_tile = v_tile.to(tl.float32)
-        logits = tl.dot(q_tile, tl.trans(k_tile)) * scale
+        logits = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * scale
         if HAS_BIAS:
             logits += tl.load(bias + batch * n_kv + cols, mask=col_ok, other=0.0)[None, :]
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
@@ -241,7 +241,7 @@ def _attention_kernel(q, k, v, bias, out, n_q, n_kv, heads, scale,
         weights = tl.exp(logits - new_max[:, None])
         rescale = tl.exp(running_max - new_max)
         running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(v_tile.dtype), v_tile)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
         running_max = new_max
     result = acc / running_sum[:, None]
     out_rows = out + (pid_bh * n_q + rows[:, None]) * HEAD_DIM + dims[None, :]
@@ -255,7 +255,7 @@ def _interpreting() -> bool:
 def _check_device(t: torch.Tensor) -> None:
     if not t.is_cuda and not _interpreting():
         raise ShapeError(f"the Triton merge kernels need CUDA tensors (got {t.device}); use the torch backend "
-                         "or set TRITON_INTERPRET=1 before importing triton")
+                         "or set TRITON_INTERPRET=1 before tokenomy.kernels.merge_triton is imported")
 
 
 def _match_config(batch: int, n_a: int):
@@ -384,6 +384,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_size: O
         q, k, v, q if key_log_size is None else key_log_size, out, n_q, n_kv, heads, head_dim ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        HAS_BIAS=key_log_size is not None, UPCAST=upcast, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block,
+        HAS_BIAS=key_log_size is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
+        HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block,
         num_warps=4 if head_dim <= 64 else 8)
     return out
