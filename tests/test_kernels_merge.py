@@ -185,3 +185,12 @@ def test_reference_functions_are_what_the_dispatcher_calls_on_cpu(monkeypatch):
     monkeypatch.delenv("TOKENOMY_MERGE_BACKEND", raising=False)
     metric = torch.randn(2, 9, 4)
     assert torch.equal(match(metric, 3).out_row, reference.match(metric, 3).out_row)
+
+
+def test_calls_that_need_gradients_take_the_reference_even_when_triton_is_forced(monkeypatch):
+    monkeypatch.setenv("TOKENOMY_MERGE_BACKEND", "triton")
+    x = torch.randn(2, 10, 4, requires_grad=True)
+    plan = reference.match(x.detach(), 3)
+    y, _ = merge(x, plan)
+    unmerge_add(y, plan, x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -4,7 +4,9 @@ Order of precedence: the ``backend=`` argument, then the ``TOKENOMY_MERGE_BACKEN
 (``triton`` or ``torch``), then the device: Triton for CUDA tensors when triton is installed, the reference
 for everything else.
 Forcing ``triton`` on CPU tensors works only under ``TRITON_INTERPRET=1`` (set before merge_triton is imported),
-otherwise it raises ShapeError. The functions keep the signatures documented in :mod:`tokenomy.kernels.merge`.
+otherwise it raises ShapeError. The Triton kernels are inference-only: merge, unmerge and attention calls
+whose inputs require gradients (with autograd on) always take the reference, which autograd can follow.
+The functions keep the signatures documented in :mod:`tokenomy.kernels.merge`.
 """
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ def resolve_backend(tensor: torch.Tensor, backend: Optional[str] = None) -> str:
     return chosen
 
 
-def _impl(tensor: torch.Tensor, backend: Optional[str]):
+def _impl(tensor: torch.Tensor, backend: Optional[str], *differentiable: Optional[torch.Tensor]):
     if resolve_backend(tensor, backend) == "torch":
+        return reference
+    # the Triton kernels have no backward: a call that needs gradients must not silently cut them
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *differentiable)):
         return reference
     from tokenomy.kernels import merge_triton  # triton is imported only when a call needs it
 
@@ -48,7 +53,7 @@ def match(metric: torch.Tensor, r: int, protected: Optional[Sequence[int]] = (),
 
 def merge(x: torch.Tensor, plan: MergePlan, size: Optional[torch.Tensor] = None, backend: Optional[str] = None):
     """Size-weighted merge: (y [B, N-r, D], size_y [B, N-r] float32)."""
-    return _impl(x, backend).merge(x, plan, size)
+    return _impl(x, backend, size).merge(x, plan, size)
 
 
 def unmerge(y: torch.Tensor, plan: MergePlan, backend: Optional[str] = None) -> torch.Tensor:
@@ -58,13 +63,13 @@ def unmerge(y: torch.Tensor, plan: MergePlan, backend: Optional[str] = None) -> 
 
 def unmerge_add(y: torch.Tensor, plan: MergePlan, residual: torch.Tensor, backend: Optional[str] = None):
     """residual + unmerge(y), rounded once to residual's dtype."""
-    return _impl(y, backend).unmerge_add(y, plan, residual)
+    return _impl(y, backend, residual).unmerge_add(y, plan, residual)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_size: Optional[torch.Tensor] = None,
               causal: bool = False, dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
     """Attention with an optional per-key log-size bias; calls the Triton kernel does not cover use the reference."""
-    impl = _impl(q, backend)
+    impl = _impl(q, backend, k, v, key_log_size)
     if impl is not reference and not impl.attention_supported(q, causal, dropout_p):
         impl = reference
     return impl.attention(q, k, v, key_log_size, causal, dropout_p)
