@@ -66,3 +66,31 @@ class FakePipeline:
 
 def fake_load(model, reducer="none", device=None, dtype=None, keep=None, delay_s=0.0, **kwargs):
     return FakePipeline(reducer=reducer, keep=keep, device=device or "cpu", delay_s=float(delay_s))
+
+
+def write_vqa_fixture(root, n=6, bad=False):
+    """A vqa-jsonl fixture of `n` valid samples (distinct images); with `bad`, also the three kinds of bad data."""
+    import json
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (8, 8), (40 * i % 256, 7 * i, 100)).save(root / "img" / f"{i}.png")
+        rows.append(json.dumps({"id": f"q{i}", "image": f"img/{i}.png", "question": f"What is shown in picture {i}?",
+                                "answers": [VOCAB[i % len(VOCAB)]] * 6 + ["dog"] * 4}))
+    if bad:
+        rows.insert(2, json.dumps({"id": "missing-image", "image": "img/nope.png", "question": "?", "answers": ["dog"]}))
+        rows.insert(4, json.dumps({"id": "no-answers", "image": "img/0.png", "question": "?", "answers": []}))
+        rows.insert(5, '{"id": "broken-line", "image": "img/0.png", "question": ')
+    (root / "qa.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def spawn_worker(rank, world, port, config_kwargs):
+    """torch.multiprocessing.spawn target: one rank of a gloo data-parallel evaluation."""
+    import os
+
+    from tokenomy.eval.runner import EvalConfig, run_eval
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run_eval(EvalConfig(**config_kwargs), load_fn=fake_load)

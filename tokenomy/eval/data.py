@@ -85,8 +85,8 @@ def image_ref(value: Any, base_dirs: list[Path]) -> ImageRef | None:
     if isinstance(value, (bytes, bytearray)):
         return ImageRef(data=bytes(value))
     if isinstance(value, str):
-        if len(value) > 256 and "/" not in value[:64] or value.startswith("data:image"):
-            return ImageRef(data=_decode_base64(value))
+        if value.startswith("data:image") or len(value) > 1024:  # paths are short; inline images are base64
+            return ImageRef(data=decode_base64(value))
         candidate = Path(value).expanduser()
         if candidate.is_absolute():
             return ImageRef(path=candidate)
@@ -97,7 +97,7 @@ def image_ref(value: Any, base_dirs: list[Path]) -> ImageRef | None:
     raise InputError(f"unsupported image field of type {type(value).__name__}")
 
 
-def _decode_base64(text: str) -> bytes:
+def decode_base64(text: str) -> bytes:
     if text.startswith("data:image"):
         text = text.split(",", 1)[1]
     try:

@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tokenomy.eval.choices import LETTERS, first_letter, format_options, option_letter_static, scienceqa_letter
-from tokenomy.eval.data import image_ref, read_json, read_tsv
+from tokenomy.eval.data import ImageRef, decode_base64, image_ref, read_json, read_tsv
 from tokenomy.eval.tasks.base import MULTIPLE_CHOICE, LoadResult, Task, as_str_id, mean_percent
 
 CIRCULAR_OFFSET = 1_000_000
@@ -99,7 +99,7 @@ class MMBench(Task):
         return {"id": str(index), "index": index, "group": str(index % CIRCULAR_OFFSET), "question": str(row["question"]),
                 "hint": "" if _missing(row.get("hint")) else str(row["hint"]), "options": options,
                 "answer": str(row["answer"]).strip(), "category": str(row.get("category", "")),
-                "image": image_ref(row["image"], base_dirs)}
+                "image": ImageRef(data=decode_base64(row["image"])) if isinstance(row["image"], str) else image_ref(row["image"], base_dirs)}
 
     @staticmethod
     def with_rotations(docs: list[dict]) -> list[dict]:
