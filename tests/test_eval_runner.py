@@ -1,31 +1,32 @@
-"""The runner: reducer x keep sweep, outputs, --on-error, SIGKILL + --resume, 2-process gloo run, report."""
+"""The runner on the real tiny-llava pipeline: reducer x keep sweep, outputs, efficiency block, --on-error,
+SIGKILL + --resume, a 2-process gloo run, and the report."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 from PIL import Image
 
-from eval_fakes import fake_load, spawn_worker, write_vqa_fixture
+from eval_fixtures import write_vqa_fixture
+from tokenomy.cli import main as cli_main
 from tokenomy.errors import InputError
+from tokenomy.eval.efficiency import layer_flops
 from tokenomy.eval.report import report
 from tokenomy.eval.runner import EvalConfig, run_eval
 from tokenomy.eval.store import RunStore
 
-TESTS_DIR = Path(__file__).parent
-REPO = TESTS_DIR.parent
+REPO = Path(__file__).resolve().parent.parent
 MEASURED = {"prefill_ms", "decode_ms_per_token", "e2e_ms", "peak_memory_mb", "batch_prefill_ms", "batch_decode_ms",
             "batch_e2e_ms", "date", "world_size"}
+TINY = dict(model="tiny-llava", gen_kwargs={"max_new_tokens": 4})
 
 
 def comparable(obj):
-    """Drop what is measured (times, memory, date) and keep everything that is computed."""
+    """Drop what is measured (times, memory, date, world size) and keep everything that is computed."""
     if isinstance(obj, dict):
         return {k: comparable(v) for k, v in obj.items() if k not in MEASURED}
     if isinstance(obj, list):
@@ -33,75 +34,100 @@ def comparable(obj):
     return obj
 
 
-def config(tmp_path, data, out, **kw):
-    base = dict(model="fake-llava", tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(out),
-                reducers=["none", "random"], keeps=[16, 4], batch_size=2, log_samples=True, seed=3)
-    return EvalConfig(**{**base, **kw})
-
-
 def samples(results_path, task="vqa-jsonl"):
     path = results_path.with_name(results_path.name.replace("_results.json", f"_samples_{task}.jsonl"))
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_sweep_writes_results_and_samples(tmp_path):
-    data = write_vqa_fixture(tmp_path / "data")
-    path = run_eval(config(tmp_path, data, tmp_path / "out"), load_fn=fake_load)
-    assert path.parent == tmp_path / "out" / "fake-llava" and path.name.endswith("_results.json")
-    results = json.loads(path.read_text())
-    assert results["complete"] is True
+def subprocess_env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    data = write_vqa_fixture(root / "data")
+    config = EvalConfig(tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(root / "out"), reducers=["none", "random", "fastv"],
+                        keeps=[576, 16], batch_size=2, log_samples=True, **TINY)
+    return run_eval(config)
+
+
+def test_sweep_writes_results_and_samples(sweep):
+    assert sweep.parent.name == "tiny-llava" and sweep.name.endswith("_results.json")
+    results = json.loads(sweep.read_text())
+    assert results["complete"] is True and "4*n_l*d^2" in results["flops_formula"]
     by_reducer = results["results"]["vqa-jsonl"]
-    assert set(by_reducer) == {"none", "random"} and set(by_reducer["none"]) == {"all"} and set(by_reducer["random"]) == {"16", "4"}
-    rows = samples(path)
-    assert len(rows) == 3 * 6
-    for reducer, keep in (("none", None), ("random", 16), ("random", 4)):
+    assert {r: set(k) for r, k in by_reducer.items()} == {"none": {"all"}, "random": {"576", "16"}, "fastv": {"576", "16"}}
+    rows = samples(sweep)
+    assert len(rows) == 5 * 6 and len({(r["reducer"], r["keep"], r["id"]) for r in rows}) == 30
+    for reducer, keep in (("none", None), ("random", 576), ("random", 16), ("fastv", 16)):
         mine = [r for r in rows if (r["reducer"], r["keep"]) == (reducer, keep)]
         entry = by_reducer[reducer]["all" if keep is None else str(keep)]
         assert entry["metrics"]["accuracy"] == pytest.approx(100 * sum(r["score"] for r in mine) / 6)
-        eff = entry["efficiency"]
-        assert eff["visual_tokens_in"] == 16 and eff["visual_tokens_kept"] == (keep or 16)
-        assert eff["retention_layer_avg"] == pytest.approx((keep or 16) / 16)
-        assert eff["batches"] == 3 and eff["prefill_ms"] == pytest.approx(1.0) and eff["decode_ms_per_token"] == pytest.approx(1.0)
-        assert "4*n_l*d^2" in eff["flops_formula"] and eff["prefill_tflops"] > 0
         assert entry["n-samples"] == {"selected": 6, "scored": 6, "skipped": 0}
-    assert by_reducer["random"]["4"]["efficiency"]["prefill_tflops"] < by_reducer["none"]["all"]["efficiency"]["prefill_tflops"]
-    first = rows[0]
+        eff = entry["efficiency"]
+        assert eff["visual_tokens_in"] == 49  # tiny-llava: 7 x 7 patches
+        assert eff["batches"] == 3 and eff["prefill_ms"] > 0 and eff["decode_ms_per_token"] > 0 and eff["peak_memory_mb"] > 0
+    # pre-LLM pruning: every layer sees the kept tokens
+    random16 = by_reducer["random"]["16"]["efficiency"]
+    assert random16["visual_tokens_kept"] == 16 and random16["retention_layer_avg"] == pytest.approx(16 / 49)
+    # FastV (K = 2 of 4 layers): layers 0-1 see all 49, layers 2-3 see 16 -> layer-averaged (2*49 + 2*16) / 4
+    fastv16 = by_reducer["fastv"]["16"]["efficiency"]
+    assert fastv16["equivalent_visual_tokens"] == pytest.approx(32.5) and fastv16["retention_layer_avg"] == pytest.approx(32.5 / 49)
+    row = next(r for r in rows if (r["reducer"], r["keep"]) == ("fastv", 16))
+    text = row["prefill_tokens"] - 49
+    assert row["prefill_flops"] == pytest.approx(2 * layer_flops(text + 49, 32, 64) + 2 * layer_flops(text + 16, 32, 64))
+    assert random16["prefill_tflops"] < fastv16["prefill_tflops"] < by_reducer["none"]["all"]["efficiency"]["prefill_tflops"]
     for field in ("id", "prompt", "prediction", "target", "score", "visual_tokens_in", "visual_tokens_kept", "kept_indices"):
-        assert field in first
-    assert first["prompt"].endswith("Answer the question using a single word or phrase.")
+        assert field in row
+    assert row["prompt"].endswith("Answer the question using a single word or phrase.")
+    assert len(row["kept_indices"][0]) == 16
+
+
+def test_report_table_and_plot(sweep, capsys):
+    table, plots = report(sweep.parent.parent)
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | run | task | reducer | keep | metric | score | % of none")
+    assert len(lines) == 2 + 5
+    assert all("| tiny-llava |" in line for line in lines[2:])
+    assert plots == [sweep.with_name(sweep.name.replace("_results.json", "_plot_vqa-jsonl.png"))]
+    with Image.open(plots[0]) as img:
+        assert img.size[0] > 100
+    assert cli_main(["report", str(sweep.parent.parent)]) == 0
+    assert "| vqa-jsonl | fastv | 16 |" in capsys.readouterr().out
 
 
 def test_without_log_samples_only_results_remain(tmp_path):
     data = write_vqa_fixture(tmp_path / "data", n=2)
-    path = run_eval(config(tmp_path, data, tmp_path / "out", log_samples=False, reducers=["none"]), load_fn=fake_load)
+    path = run_eval(EvalConfig(tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(tmp_path / "out"), **TINY))
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_on_error_skip_reports_ids_and_loses_nothing_else(tmp_path):
     clean = write_vqa_fixture(tmp_path / "clean")
     dirty = write_vqa_fixture(tmp_path / "dirty", bad=True)
-    Image.new("RGB", (2, 2)).save(dirty / "img" / "5.png")  # still readable
-    (dirty / "img" / "3.png").write_bytes(b"corrupt")  # exists, cannot be decoded: found at run time
-    clean_rows = samples(run_eval(config(tmp_path, clean, tmp_path / "a", reducers=["none"]), load_fn=fake_load))
-    path = run_eval(config(tmp_path, dirty, tmp_path / "b", reducers=["none"]), load_fn=fake_load)
+    (dirty / "img" / "3.png").write_bytes(b"corrupt")  # exists but cannot be decoded: found at run time
+    common = dict(tasks=["vqa-jsonl"], batch_size=2, log_samples=True, **TINY)
+    clean_rows = samples(run_eval(EvalConfig(data_dir=str(clean), output_path=str(tmp_path / "a"), **common)))
+    path = run_eval(EvalConfig(data_dir=str(dirty), output_path=str(tmp_path / "b"), **common))
     entry = json.loads(path.read_text())["results"]["vqa-jsonl"]["none"]["all"]
     assert {e["id"] for e in entry["errors"]} == {"missing-image", "no-answers", "broken-line", "q3"}
     assert entry["n-samples"] == {"selected": 6, "scored": 5, "skipped": 4}
     dirty_rows = {r["id"]: r for r in samples(path) if "error" not in r}
     assert set(dirty_rows) == {"q0", "q1", "q2", "q4", "q5"}
-    for row in clean_rows:  # the good samples sharing a batch with the corrupt one are still evaluated
-        if row["id"] in ("q0", "q1", "q2", "q4"):
+    for row in clean_rows:  # q2 shared its batch with the corrupt q3 and is still evaluated
+        if row["id"] != "q3":
             assert dirty_rows[row["id"]]["prediction"] == row["prediction"]
 
 
 def test_on_error_fail_names_the_sample(tmp_path):
     dirty = write_vqa_fixture(tmp_path / "dirty", bad=True)
     with pytest.raises(InputError, match="missing-image"):
-        run_eval(config(tmp_path, dirty, tmp_path / "out", on_error="fail"), load_fn=fake_load)
+        run_eval(EvalConfig(tasks=["vqa-jsonl"], data_dir=str(dirty), output_path=str(tmp_path / "o1"), on_error="fail", **TINY))
     clean = write_vqa_fixture(tmp_path / "clean")
     (clean / "img" / "3.png").write_bytes(b"corrupt")
     with pytest.raises(InputError, match="sample q3"):
-        run_eval(config(tmp_path, clean, tmp_path / "out2", on_error="fail"), load_fn=fake_load)
+        run_eval(EvalConfig(tasks=["vqa-jsonl"], data_dir=str(clean), output_path=str(tmp_path / "o2"), on_error="fail", **TINY))
 
 
 def test_incomplete_chunks_and_cut_lines_are_dropped(tmp_path):
@@ -119,62 +145,60 @@ def test_incomplete_chunks_and_cut_lines_are_dropped(tmp_path):
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    data = write_vqa_fixture(tmp_path / "data", n=10)
-    kwargs = dict(model="fake-llava", tasks=["vqa-jsonl"], data_dir=str(data), reducers=["random"], keeps=[16, 4],
-                  batch_size=2, log_samples=True, seed=5, model_args={"delay_s": 0.15})
-    full = run_eval(EvalConfig(output_path=str(tmp_path / "full"), **kwargs), load_fn=fake_load)
-
+    data = write_vqa_fixture(tmp_path / "data", n=12)
     out = tmp_path / "killed"
-    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-              "import json; from eval_fakes import fake_load\n"
-              "from tokenomy.eval.runner import EvalConfig, run_eval\n"
-              "run_eval(EvalConfig(**json.loads(sys.argv[3])), load_fn=fake_load)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(TESTS_DIR), str(REPO), json.dumps({**kwargs, "output_path": str(out)})],
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    folder = out / "fake-llava"
-    # Kill in the middle of the second combination, once the first one has been committed.
-    while time.time() < deadline:
-        parts = list(folder.glob("*.part")) if folder.exists() else []
-        committed = list(folder.glob("*_samples_vqa-jsonl.jsonl")) if folder.exists() else []
-        if committed and parts and len(parts[0].read_text().splitlines()) >= 3:
+    command = [sys.executable, "-m", "tokenomy.cli", "eval", "--model", "tiny-llava", "--reducer", "none,random",
+               "--keep", "576,64", "--tasks", "vqa-jsonl", "--data-dir", str(data), "--output_path", str(out),
+               "--log_samples", "--batch_size", "2", "--gen_kwargs", "max_new_tokens=8"]
+    proc = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    folder = out / "tiny-llava"
+    deadline = time.time() + 240
+
+    def first_combo_recorded():
+        found = list(folder.glob("*_results.json"))
+        return bool(found) and "vqa-jsonl" in json.loads(found[0].read_text())["results"]
+
+    # Kill inside the second combination: the first one is in the results, a chunk of the second is journaled.
+    while time.time() < deadline and proc.poll() is None:
+        if any(len(p.read_text().splitlines()) >= 2 for p in folder.glob("*.part")) and first_combo_recorded():
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_state = json.loads(next(folder.glob("*_results.json")).read_text())
-    assert killed_state["complete"] is False and "4" not in killed_state["results"]["vqa-jsonl"]["random"]
+    state = json.loads(next(folder.glob("*_results.json")).read_text())
+    assert state["complete"] is False and list(state["results"]["vqa-jsonl"]) == ["none"]
 
-    resumed = run_eval(EvalConfig(output_path=str(out), resume=True, **kwargs), load_fn=fake_load)
-    assert resumed.name == next(folder.glob("*_results.json")).name  # same run, same files
+    same = dict(tasks=["vqa-jsonl"], data_dir=str(data), reducers=["none", "random"], keeps=[576, 64], batch_size=2,
+                log_samples=True, model="tiny-llava", gen_kwargs={"max_new_tokens": 8})  # what the command line says
+    resumed = run_eval(EvalConfig(output_path=str(out), resume=True, **same))
+    assert [resumed] == list(folder.glob("*_results.json"))  # the killed run was continued, not restarted
+    full = run_eval(EvalConfig(output_path=str(tmp_path / "full"), **same))
     assert comparable(json.loads(resumed.read_text())) == comparable(json.loads(full.read_text()))
-    key = lambda r: (r["keep"], r["doc_index"])
+    key = lambda r: (r["reducer"], r["keep"] or 0, r["doc_index"])
     assert comparable(sorted(samples(resumed), key=key)) == comparable(sorted(samples(full), key=key))
-    assert len(samples(resumed)) == 20
+    assert len(samples(resumed)) == 3 * 12 and not list(folder.glob("*.part"))
 
 
 def test_resume_refuses_different_arguments(tmp_path):
     data = write_vqa_fixture(tmp_path / "data", n=2)
-    store_dir = tmp_path / "out" / "fake-llava"
+    store_dir = tmp_path / "out" / "tiny-llava"
     store_dir.mkdir(parents=True)
     (store_dir / "20260101T000000_results.json").write_text(json.dumps({"complete": False, "config": {"seed": 99}}))
     with pytest.raises(InputError, match="seed"):
-        run_eval(config(tmp_path, data, tmp_path / "out", resume=True), load_fn=fake_load)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        run_eval(EvalConfig(tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(tmp_path / "out"), resume=True, **TINY))
 
 
 def test_two_processes_equal_one(tmp_path):
     data = write_vqa_fixture(tmp_path / "data", n=7)
-    kwargs = dict(model="fake-llava", tasks=["vqa-jsonl"], data_dir=str(data), reducers=["none", "random"], keeps=[4],
-                  batch_size=1, log_samples=True, seed=1)
-    single = run_eval(EvalConfig(output_path=str(tmp_path / "one"), **kwargs), load_fn=fake_load)
-    mp.spawn(spawn_worker, args=(2, free_port(), {**kwargs, "output_path": str(tmp_path / "two")}), nprocs=2, join=True)
-    double = next((tmp_path / "two" / "fake-llava").glob("*_results.json"))
+    args = ["--model", "tiny-llava", "--reducer", "none,random", "--keep", "16", "--tasks", "vqa-jsonl", "--data-dir", str(data),
+            "--log_samples", "--gen_kwargs", "max_new_tokens=4"]
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "tokenomy.cli", "eval", *args, "--output_path", str(tmp_path / "two")],
+                              env=subprocess_env(), capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert cli_main(["eval", *args, "--output_path", str(tmp_path / "one")]) == 0
+    single = next((tmp_path / "one" / "tiny-llava").glob("*_results.json"))
+    double = next((tmp_path / "two" / "tiny-llava").glob("*_results.json"))
     assert json.loads(double.read_text())["world_size"] == 2
     assert comparable(json.loads(double.read_text())) == comparable(json.loads(single.read_text()))
     key = lambda r: (r["reducer"], r["doc_index"])
@@ -182,15 +206,12 @@ def test_two_processes_equal_one(tmp_path):
     assert not list((tmp_path / "two").rglob("*.part"))
 
 
-def test_report_table_and_plot(tmp_path):
-    data = write_vqa_fixture(tmp_path / "data")
-    path = run_eval(config(tmp_path, data, tmp_path / "out"), load_fn=fake_load)
-    table, plots = report(tmp_path / "out")
-    lines = table.splitlines()
-    assert lines[0].startswith("| model | run | task | reducer | keep | metric | score | % of none")
-    assert len(lines) == 2 + 3
-    none_row = next(line for line in lines if "| none |" in line)
-    assert "| 100.00 |" in none_row
-    assert plots == [path.with_name(path.name.replace("_results.json", "_plot_vqa-jsonl.png"))]
-    with Image.open(plots[0]) as img:
-        assert img.size[0] > 100
+def test_cli_lists_tasks_and_rejects_bad_arguments(tmp_path, capsys):
+    assert cli_main(["eval", "--tasks", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "vqa-jsonl" in listing and "mmbench-judge" in listing and "judge" in listing
+    data = write_vqa_fixture(tmp_path / "data", n=1)
+    assert cli_main(["eval", "--model", "tiny-llava", "--reducer", "random", "--tasks", "vqa-jsonl", "--data-dir", str(data)]) == 2
+    assert "need --keep" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", "tiny-llava", "--tasks", "vqa-jsonl,nope", "--data-dir", str(data)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
