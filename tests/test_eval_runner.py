@@ -13,6 +13,7 @@ from PIL import Image
 
 from eval_fixtures import write_vqa_fixture
 from tokenomy.cli import main as cli_main
+from tokenomy.eval.cli import parse_kv, parse_limit
 from tokenomy.errors import InputError
 from tokenomy.eval.efficiency import layer_flops
 from tokenomy.eval.report import report
@@ -48,7 +49,7 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     data = write_vqa_fixture(root / "data")
     config = EvalConfig(tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(root / "out"), reducers=["none", "random", "fastv"],
-                        keeps=[576, 16], batch_size=2, log_samples=True, **TINY)
+                        keeps=[576, 16], batch_size=2, log_samples=True, reducer_args={"fastv.layer": 1}, **TINY)
     return run_eval(config)
 
 
@@ -71,13 +72,14 @@ def test_sweep_writes_results_and_samples(sweep):
     # pre-LLM pruning: every layer sees the kept tokens
     random16 = by_reducer["random"]["16"]["efficiency"]
     assert random16["visual_tokens_kept"] == 16 and random16["retention_layer_avg"] == pytest.approx(16 / 49)
-    # FastV (K = 2 of 4 layers): layers 0-1 see all 49, layers 2-3 see 16 -> layer-averaged (2*49 + 2*16) / 4
+    # FastV with fastv.layer=1 (K = 1 of 4 layers): layer 0 sees all 49, layers 1-3 see 16 -> (49 + 3*16) / 4
     fastv16 = by_reducer["fastv"]["16"]["efficiency"]
-    assert fastv16["equivalent_visual_tokens"] == pytest.approx(32.5) and fastv16["retention_layer_avg"] == pytest.approx(32.5 / 49)
+    assert fastv16["equivalent_visual_tokens"] == pytest.approx(24.25) and fastv16["retention_layer_avg"] == pytest.approx(24.25 / 49)
     row = next(r for r in rows if (r["reducer"], r["keep"]) == ("fastv", 16))
     text = row["prefill_tokens"] - 49
-    assert row["prefill_flops"] == pytest.approx(2 * layer_flops(text + 49, 32, 64) + 2 * layer_flops(text + 16, 32, 64))
+    assert row["prefill_flops"] == pytest.approx(layer_flops(text + 49, 32, 64) + 3 * layer_flops(text + 16, 32, 64))
     assert random16["prefill_tflops"] < fastv16["prefill_tflops"] < by_reducer["none"]["all"]["efficiency"]["prefill_tflops"]
+    assert json.loads(sweep.read_text())["config"]["reducer_args"] == {"fastv.layer": 1}
     for field in ("id", "prompt", "prediction", "target", "score", "visual_tokens_in", "visual_tokens_kept", "kept_indices"):
         assert field in row
     assert row["prompt"].endswith("Answer the question using a single word or phrase.")
@@ -204,6 +206,14 @@ def test_two_processes_equal_one(tmp_path):
     key = lambda r: (r["reducer"], r["doc_index"])
     assert comparable(sorted(samples(double), key=key)) == comparable(sorted(samples(single), key=key))
     assert not list((tmp_path / "two").rglob("*.part"))
+
+
+def test_cli_value_parsing():
+    assert parse_kv("dtype=float32,layer=3,ratio=0.5,flag=true,none=None") == {"dtype": "float32", "layer": 3, "ratio": 0.5,
+                                                                              "flag": True, "none": None}
+    assert parse_limit("10") == 10 and parse_limit("0.25") == 0.25 and parse_limit(None) is None
+    with pytest.raises(InputError, match="key=value"):
+        parse_kv("layer")
 
 
 def test_cli_lists_tasks_and_rejects_bad_arguments(tmp_path, capsys):

@@ -50,8 +50,10 @@ def add_parser(subparsers) -> None:
                                description="Batch evaluation over tasks x reducers x keeps. Results go to "
                                            "OUTPUT_PATH/<model>/<timestamp>_results.json.")
     ev.add_argument("--model", help="built-in name (e.g. tiny-llava) or a local Hugging Face folder")
-    ev.add_argument("--model_args", "--model-args", default="", help="k=v,... passed to tokenomy.load (dtype=, device=, reducer options)")
+    ev.add_argument("--model_args", "--model-args", default="", help="k=v,... passed to tokenomy.load (dtype=, device=, position_policy=)")
     ev.add_argument("--reducer", "--reducers", default="none", help="comma list of reducers; every reducer x keep runs")
+    ev.add_argument("--reducer_args", "--reducer-args", "--method-args", default="",
+                    help="k=v,... for every reducer but none; NAME.k=v for reducer NAME only (e.g. fastv.layer=3)")
     ev.add_argument("--keep", "--keeps", default="", help="comma list of visual-token budgets entering the LLM")
     ev.add_argument("--tasks", required=True, help="comma list of tasks, or 'list' to print them")
     ev.add_argument("--data-dir", "--data_dir", dest="data_dir", help="local folder holding each task's files")
@@ -95,8 +97,8 @@ def run_eval_command(args) -> int:
     config = EvalConfig(
         model=args.model, tasks=parse_list(args.tasks), data_dir=args.data_dir, output_path=args.output_path,
         reducers=parse_list(args.reducer), keeps=keeps, model_args=parse_kv(args.model_args),
-        batch_size=args.batch_size, limit=parse_limit(args.limit), log_samples=args.log_samples, seed=args.seed,
-        resume=args.resume, on_error=args.on_error, gen_kwargs=parse_kv(args.gen_kwargs), video_frames=args.video_frames,
+        reducer_args=parse_kv(args.reducer_args), batch_size=args.batch_size, limit=parse_limit(args.limit),
+        log_samples=args.log_samples, seed=args.seed, resume=args.resume, on_error=args.on_error, gen_kwargs=parse_kv(args.gen_kwargs), video_frames=args.video_frames,
     )
     path = run_eval(config)
     print(f"results: {path}")

@@ -42,6 +42,7 @@ class EvalConfig:
     reducers: list[str] = field(default_factory=lambda: [NO_REDUCTION])
     keeps: list[int] = field(default_factory=list)
     model_args: dict = field(default_factory=dict)
+    reducer_args: dict = field(default_factory=dict)
     batch_size: int = 1
     limit: float | None = None
     log_samples: bool = False
@@ -66,6 +67,16 @@ class EvalConfig:
                 if (reducer, keep) not in out:
                     out.append((reducer, keep))
         return out
+
+
+def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
+    """`--reducer_args`: `key=v` goes to every reducer except `none`, `name.key=v` only to reducer `name`."""
+    if reducer == NO_REDUCTION:
+        return {}
+    options = {k: v for k, v in config.reducer_args.items() if "." not in k}
+    prefix = reducer + "."
+    options.update({k[len(prefix):]: v for k, v in config.reducer_args.items() if k.startswith(prefix)})
+    return {**options, "keep": keep}
 
 
 def keep_label(keep: int | None) -> str:
@@ -234,8 +245,7 @@ def _run_combo(config, task, docs, pending, reducer, keep, load_fn, group, store
         return []
     model_args = dict(config.model_args)
     device = model_args.pop("device", None) or group.default_device()
-    reducer_kwargs = {} if keep is None else {"keep": keep}
-    pipeline = load_fn(config.model, reducer=reducer, device=device, **model_args, **reducer_kwargs)
+    pipeline = load_fn(config.model, reducer=reducer, device=device, **model_args, **reducer_options(config, reducer, keep))
     gen_kwargs = {"max_new_tokens": task.max_new_tokens, "do_sample": False, **config.gen_kwargs}
     chunks = [pending[i:i + config.batch_size] for i in range(0, len(pending), config.batch_size)]
     _warm_up(task, docs, chunks[0], pipeline, gen_kwargs)
