@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval_fixtures import write_vqa_fixture
+from eval_fixtures import write_mixed_fixture, write_vqa_fixture
 from tokenomy.cli import main as cli_main
 from tokenomy.eval.cli import parse_kv, parse_limit
 from tokenomy.errors import InputError
 from tokenomy.eval.efficiency import layer_flops
 from tokenomy.eval.report import report
-from tokenomy.eval.runner import EvalConfig, run_eval
+from tokenomy.eval.runner import EvalConfig, apply_limit, run_eval
 from tokenomy.eval.store import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,3 +225,29 @@ def test_cli_lists_tasks_and_rejects_bad_arguments(tmp_path, capsys):
     assert "need --keep" in capsys.readouterr().err
     assert cli_main(["eval", "--model", "tiny-llava", "--tasks", "vqa-jsonl,nope", "--data-dir", str(data)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_benchmark_layouts_and_video_through_the_pipeline(tmp_path):
+    data = write_mixed_fixture(tmp_path / "data")
+    path = run_eval(EvalConfig(tasks=["pope", "mme", "mmbench", "videomme"], data_dir=str(data), output_path=str(tmp_path / "out"),
+                               reducers=["none", "random"], keeps=[8], batch_size=2, log_samples=True, video_frames=3, **TINY))
+    results = json.loads(path.read_text())
+    assert results["task_configs"]["videomme"]["frames"] == 3
+    pope = results["results"]["pope"]["random"]["8"]
+    assert set(pope["metrics"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio", "random"}
+    assert pope["metrics"]["random"]["n"] == 2
+    mme = results["results"]["mme"]["none"]["all"]["metrics"]
+    assert set(mme["subtasks"]) == {"existence"} and mme["cognition"] == 0.0
+    assert results["results"]["mmbench"]["none"]["all"]["metrics"]["groups"] == 1
+    assert results["results"]["mmbench"]["none"]["all"]["n-samples"]["scored"] == 2  # both rotations
+    video = results["results"]["videomme"]
+    assert video["none"]["all"]["efficiency"]["visual_tokens_in"] == 3 * 49  # three frames, one image each
+    assert video["random"]["8"]["efficiency"]["visual_tokens_kept"] == 3 * 8  # the budget applies per frame
+    rows = samples(path, "videomme")
+    assert rows[0]["prompt"].endswith("D. a dog\nThe best answer is:") and len(rows[0]["kept_indices"]) == 3
+
+
+def test_limit_and_sweep_plan():
+    assert apply_limit(list(range(10)), 3) == [0, 1, 2] and apply_limit(list(range(10)), 0.25) == [0, 1, 2]
+    config = EvalConfig(model="m", tasks=["vqa-jsonl"], data_dir=".", output_path=".", reducers=["none", "random", "none"], keeps=[64, 16])
+    assert config.combos() == [("none", None), ("random", 64), ("random", 16)]
