@@ -15,6 +15,8 @@ from tokenomy.errors import InputError, ModelLoadError
 from tokenomy.reducers.base import ImageTokens, PositionPolicy, Selection
 from tokenomy.vision.base import SignalRequest, grid_positions
 from tokenomy.vision.hf import HFViTEncoder
+from tokenomy.vision.qwen_vit import QwenViTEncoder
+from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
 
 
 @dataclass
@@ -203,19 +205,20 @@ class QwenVLAdapter(Adapter):
     default_policy = PositionPolicy.KEEP
     supported_policies = (PositionPolicy.KEEP,)
 
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        self.vision = QwenViTEncoder(model.model.visual)
+        self.feature_layer = -1
+
     def encode_images(self, batch, request):
-        if request:
-            raise InputError(
-                "this reducer asks for vision-encoder attention signals, which the Qwen ViT wrapper does not provide yet;"
-                " use an LLM-side or signal-free reducer (none, random, fastv) on Qwen models"
-            )
         grid_thw = batch["image_grid_thw"]
-        features = self.model.model.get_image_features(batch["pixel_values"], grid_thw).pooler_output
-        merge = self.model.config.vision_config.spatial_merge_size
-        encoded = []
-        for (t, h, w), image_features in zip(grid_thw.tolist(), features):
-            positions = grid_positions(t, h // merge, w // merge, device=image_features.device)
-            tokens = ImageTokens(image_features, positions, {})
+        counts = grid_thw.prod(-1).tolist()
+        encoded, start = [], 0
+        for image, count in enumerate(counts):
+            out = self.vision.encode_image(batch["pixel_values"][start : start + count], grid_thw[image : image + 1], request)
+            start += count
+            signals = {name: torch.stack([by_layer[layer][0] for layer in sorted(by_layer)]) for name, by_layer in out.signals.items()}
+            tokens = ImageTokens(out.tokens[0], out.grid, signals)
             encoded.append(EncodedImage(tokens, tokens.num_tokens, self._span_builder(tokens)))
         return encoded
 
@@ -237,7 +240,24 @@ class QwenVLAdapter(Adapter):
         return torch.cat([text_row[None], positions], dim=0)
 
 
+class ComposedAdapter(LlavaAdapter):
+    """tokenomy's composed model: any timm / open_clip / transformers tower + MLP projector + any causal LM."""
+
+    family = "composed"
+
+    def __init__(self, model, processor):
+        Adapter.__init__(self, model, processor)
+        self.feature_layer = model.config.vision_feature_layer
+        self.vision = model.vision_encoder
+        self.projector = model.multi_modal_projector
+
+    @property
+    def language_model(self):
+        return self.model.language_model.get_decoder()
+
+
 ADAPTERS = {
+    "ComposedVLMForConditionalGeneration": ComposedAdapter,
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
