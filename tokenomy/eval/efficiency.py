@@ -46,8 +46,9 @@ def sample_efficiency(stats: dict, text_config) -> dict:
 def aggregate_efficiency(records: list[dict]) -> dict:
     """The efficiency block of one task x reducer x keep run, computed from its sample records.
 
-    Times are per batch (a record stores its batch's times and size, so Σ 1/batch_size counts batches);
-    decode ms per token divides all decode time by all decode steps.
+    Times are per batch (a record stores its batch's times and size, so Σ 1/batch_size counts batches).
+    `prefill_ms` is the pipeline's: image processing, vision encoder, pre-LLM reduction and the LLM prefill
+    forward; decode ms per token divides all decode time by all decode steps; `e2e_ms` is the whole call.
     """
     if not records:
         return {}
