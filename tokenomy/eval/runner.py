@@ -14,8 +14,6 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -104,16 +102,36 @@ def report_problem(message: str) -> None:
     tqdm.write(f"tokenomy eval: {message}", file=sys.stderr)
 
 
-def run_eval(config: EvalConfig, load_fn: Callable | None = None) -> Path:
-    """Run (or resume) an evaluation; returns the results file. `load_fn` defaults to `tokenomy.load`."""
-    if load_fn is None:
-        from tokenomy import load as load_fn
+def run_eval(config: EvalConfig) -> Path:
+    """Run (or resume) an evaluation; returns the results file."""
     _check_config(config)
     group = Group()
     try:
-        return _run(config, load_fn, group)
+        return _run(config, group)
     finally:
         group.close()
+
+
+class Pipelines:
+    """The model is built once per run; every reducer x keep gets its own Pipeline over the same weights."""
+
+    def __init__(self, config: EvalConfig, group: Group):
+        self.config = config
+        self.model_args = dict(config.model_args)
+        self.device = self.model_args.pop("device", None) or group.default_device()
+        self.first = None
+
+    def get(self, reducer: str, keep: int | None):
+        options = reducer_options(self.config, reducer, keep)
+        if self.first is None:
+            from tokenomy import load
+
+            self.first = load(self.config.model, reducer=reducer, device=self.device, **self.model_args, **options)
+            return self.first
+        from tokenomy.reducers import create
+
+        return type(self.first)(self.first.model, self.first.processor, create(reducer, **options), name=self.first.name,
+                                position_policy=self.model_args.get("position_policy"))
 
 
 def _check_config(config: EvalConfig) -> None:
@@ -159,7 +177,7 @@ def _open_run(config: EvalConfig, folder: Path) -> tuple[str, dict]:
     return RunStore.new_stamp(folder), results
 
 
-def _run(config: EvalConfig, load_fn: Callable, group: Group) -> Path:
+def _run(config: EvalConfig, group: Group) -> Path:
     folder = Path(config.output_path) / sanitize_model_name(config.model)
     opened: tuple | str = ""
     if group.is_main:
@@ -172,6 +190,7 @@ def _run(config: EvalConfig, load_fn: Callable, group: Group) -> Path:
         raise InputError(opened)
     stamp, results = opened
     store = RunStore(folder, stamp)
+    pipelines = Pipelines(config, group)
     results.update(world_size=group.world, device=str(config.model_args.get("device") or group.default_device()))
     if group.is_main:
         store.write_results(results)
@@ -184,7 +203,7 @@ def _run(config: EvalConfig, load_fn: Callable, group: Group) -> Path:
             continue
         if hasattr(task, "n_frames"):
             task.n_frames = config.video_frames
-        _run_task(config, task, load_fn, group, store, results)
+        _run_task(config, task, pipelines, group, store, results)
     if group.is_main:
         results["complete"] = True
         store.write_results(results)
@@ -195,7 +214,7 @@ def _run(config: EvalConfig, load_fn: Callable, group: Group) -> Path:
     return store.results_path
 
 
-def _run_task(config: EvalConfig, task: Task, load_fn: Callable, group: Group, store: RunStore, results: dict) -> None:
+def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group, store: RunStore, results: dict) -> None:
     loaded = task.load(Path(config.data_dir))
     docs = apply_limit(loaded.docs, config.limit)
     load_errors = [{"id": e.id, "message": e.message, "source": e.source} for e in loaded.errors]
@@ -215,7 +234,7 @@ def _run_task(config: EvalConfig, task: Task, load_fn: Callable, group: Group, s
     done_keys = {record_key(r) for r in finished}
     for reducer, keep in config.combos():
         pending = [i for i in group.shard(list(range(len(docs)))) if (reducer, keep, i) not in done_keys]
-        new_records = _run_combo(config, task, docs, pending, reducer, keep, load_fn, group, store)
+        new_records = _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, store)
         gathered = group.gather(new_records)
         if group.is_main:
             merged = sorted((r for part in gathered for r in part), key=lambda r: r["doc_index"])
@@ -240,12 +259,10 @@ def summarize(task: Task, records: list[dict], load_errors: list[dict], n_docs: 
     }
 
 
-def _run_combo(config, task, docs, pending, reducer, keep, load_fn, group, store) -> list[dict]:
+def _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, store) -> list[dict]:
     if not pending:
         return []
-    model_args = dict(config.model_args)
-    device = model_args.pop("device", None) or group.default_device()
-    pipeline = load_fn(config.model, reducer=reducer, device=device, **model_args, **reducer_options(config, reducer, keep))
+    pipeline = pipelines.get(reducer, keep)
     gen_kwargs = {"max_new_tokens": task.max_new_tokens, "do_sample": False, **config.gen_kwargs}
     chunks = [pending[i:i + config.batch_size] for i in range(0, len(pending), config.batch_size)]
     _warm_up(task, docs, chunks[0], pipeline, gen_kwargs)
