@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from tokenomy.errors import InputError
 from tokenomy.eval.data import ImageRef, SampleError, find_row_files, read_rows
@@ -113,7 +114,10 @@ class Task:
 
     def validate_all(self, result: LoadResult) -> LoadResult:
         docs, errors, seen = [], list(result.errors), set()
-        for doc in result.docs:
+        # Checking that every image file exists takes a while on full benchmarks (200k VQAv2 questions).
+        checking = tqdm(result.docs, desc=f"checking {self.name} samples", unit="sample", leave=False,
+                        disable=len(result.docs) < 5000)
+        for doc in checking:
             problem = self.validate(doc)
             if problem is None and doc["id"] in seen:
                 problem = f"duplicate id {doc['id']!r}"
