@@ -181,6 +181,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert len(samples(resumed)) == 3 * 12 and not list(folder.glob("*.part"))
 
 
+def test_resume_refuses_changed_data(tmp_path):
+    data = write_vqa_fixture(tmp_path / "data", n=3)
+    config = dict(tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(tmp_path / "out"), reducers=["none", "random"],
+                  keeps=[8], log_samples=True, **TINY)
+    path = run_eval(EvalConfig(**config))
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "complete": False}))  # as if killed before the end
+    lines = (data / "qa.jsonl").read_text().splitlines()
+    (data / "qa.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(InputError, match="data changed"):
+        run_eval(EvalConfig(resume=True, **config))
+
+
 def test_resume_refuses_different_arguments(tmp_path):
     data = write_vqa_fixture(tmp_path / "data", n=2)
     store_dir = tmp_path / "out" / "tiny-llava"

@@ -231,6 +231,10 @@ def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group
         store.consolidate(task.name)
     group.barrier()
     finished = store.finished_records(task.name)
+    changed = [r["id"] for r in finished if r["doc_index"] >= len(docs) or docs[r["doc_index"]]["id"] != r["id"]]
+    if changed:
+        raise InputError(f"--resume: the {task.name} data changed since the run started (sample {changed[0]} moved "
+                         "or vanished); start a new run")
     done_keys = {record_key(r) for r in finished}
     for reducer, keep in config.combos():
         pending = [i for i in group.shard(list(range(len(docs)))) if (reducer, keep, i) not in done_keys]
