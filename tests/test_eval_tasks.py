@@ -182,12 +182,14 @@ def test_generic_parquet_rows_with_image_bytes(tmp_path):
 
     root = tmp_path / "gqa"
     root.mkdir()
-    table = pa.table({"question_id": ["a", "b"], "question": ["Q1", "Q2"], "answer": ["yes", "no"],
-                      "image": [{"bytes": png_bytes(), "path": None}, {"bytes": png_bytes((1, 2, 3)), "path": None}]})
+    table = pa.table({"question_id": ["a", "b", "c"], "question": ["Q1", "Q2", "Q3"], "answer": ["yes", "no", "no"],
+                      "image": [{"bytes": png_bytes(), "path": None}, {"bytes": png_bytes((1, 2, 3)), "path": None}, None]})
     pq.write_table(table, root / "testdev-00000-of-00001.parquet")
-    docs = tasks.get("gqa").load(tmp_path).docs
-    assert [d["id"] for d in docs] == ["a", "b"]
-    assert docs[1]["image"].open().getpixel((0, 0)) == (1, 2, 3)
+    loaded = tasks.get("gqa").load(tmp_path)
+    assert [d["id"] for d in loaded.docs] == ["a", "b"]
+    assert loaded.docs[1]["image"].lazy is not None  # bytes stay in Arrow until the sample runs
+    assert loaded.docs[1]["image"].open().getpixel((0, 0)) == (1, 2, 3)
+    assert [(e.id, e.message) for e in loaded.errors] == [("c", "no image")]
 
 
 def test_datasets_save_to_disk_folder(tmp_path):

@@ -1,7 +1,6 @@
 """`tokenomy eval` (lmms-eval style flags) and `tokenomy report`."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tokenomy.errors import InputError

@@ -33,15 +33,25 @@ class SampleError:
         return f"sample {self.id}{where}: {self.message}"
 
 
-class ImageRef:
-    """An image given as a file path, encoded bytes (parquet/TSV/base64) or an already decoded PIL image."""
+class LazyValue:
+    """A row field read only when used: images of parquet / `datasets` rows stay in (memory-mapped) Arrow
+    buffers until their sample runs, so a 200k-question benchmark does not sit in memory as Python bytes."""
 
-    def __init__(self, path: str | Path | None = None, data: bytes | None = None, pil: Image.Image | None = None):
-        if sum(x is not None for x in (path, data, pil)) != 1:
-            raise ValueError("ImageRef takes exactly one of path, data, pil")
+    def __init__(self, fetch):
+        self.fetch = fetch
+
+
+class ImageRef:
+    """An image given as a file path, encoded bytes (parquet/TSV/base64), a decoded PIL image, or a lazy row field."""
+
+    def __init__(self, path: str | Path | None = None, data: bytes | None = None, pil: Image.Image | None = None,
+                 lazy: tuple[LazyValue, list[Path]] | None = None):
+        if sum(x is not None for x in (path, data, pil, lazy)) != 1:
+            raise ValueError("ImageRef takes exactly one of path, data, pil, lazy")
         self.path = Path(path) if path is not None else None
         self.data = data
         self.pil = pil
+        self.lazy = lazy
 
     def problem(self) -> str | None:
         """Why this image cannot be opened, checked cheaply at load time (None when it looks usable)."""
@@ -52,6 +62,12 @@ class ImageRef:
         return None
 
     def open(self) -> Image.Image:
+        if self.lazy is not None:
+            value, base_dirs = self.lazy
+            resolved = image_ref(value.fetch(), base_dirs)
+            if resolved is None:
+                raise InputError("the sample's image field is empty")
+            return resolved.open()
         try:
             if self.pil is not None:
                 return self.pil.convert("RGB")
@@ -64,7 +80,7 @@ class ImageRef:
     def describe(self) -> str:
         if self.path is not None:
             return str(self.path)
-        return "<bytes>" if self.data is not None else "<PIL image>"
+        return "<bytes>" if self.data is not None or self.lazy is not None else "<PIL image>"
 
     def __repr__(self) -> str:
         return f"ImageRef({self.describe()})"
@@ -74,6 +90,8 @@ def image_ref(value: Any, base_dirs: list[Path]) -> ImageRef | None:
     """Interpret an image field: a relative/absolute path, a {bytes, path} dict, a base64 string or a PIL image."""
     if value is None:
         return None
+    if isinstance(value, LazyValue):
+        return ImageRef(lazy=(value, base_dirs))
     if isinstance(value, Image.Image):
         return ImageRef(pil=value)
     if isinstance(value, dict):
@@ -144,15 +162,29 @@ def read_tsv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
+def rows_from_arrow(table) -> list[dict]:
+    """Python rows of an Arrow table; image columns (structs with a `bytes` field) become `LazyValue`s."""
+    import pyarrow as pa
+
+    image_columns = [f.name for f in table.schema if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0]
+    rows = table.drop_columns(image_columns).to_pylist()
+    for name in image_columns:
+        column = table.column(name)
+        for i, is_null in enumerate(column.is_null().to_pylist()):
+            rows[i][name] = None if is_null else LazyValue(lambda column=column, i=i: column[i].as_py())
+    return rows
+
+
 def read_parquet(path: Path) -> list[dict]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise InputError(f"reading {path} needs pyarrow: pip install pyarrow") from exc
     try:
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path, memory_map=True)
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
         raise InputError(f"cannot read parquet file {path}: {exc}") from exc
+    return rows_from_arrow(table)
 
 
 def is_datasets_folder(path: Path) -> bool:
@@ -176,7 +208,8 @@ def read_datasets_folder(path: Path, split: str | None = None) -> list[dict]:
                 raise InputError(f"{path} has splits {names}, not {split!r}")
             chosen = names[0]
         loaded = loaded[chosen]
-    return [dict(row) for row in loaded]
+    # save_to_disk writes flat, memory-mapped Arrow files: read the table itself, images lazily.
+    return rows_from_arrow(loaded.data.table)
 
 
 def find_row_files(root: Path) -> list[Path]:

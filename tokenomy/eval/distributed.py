@@ -55,18 +55,6 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def any(self, flag: bool) -> bool:
-        if not self.active:
-            return flag
-        return any(self.gather_all(flag))
-
-    def gather_all(self, obj) -> list:
-        if not self.active:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
     def close(self) -> None:
         if self.owns_group:
             dist.destroy_process_group()

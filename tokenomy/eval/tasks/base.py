@@ -13,7 +13,6 @@ from tokenomy.eval.data import ImageRef, SampleError, find_row_files, read_rows
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MULTIPLE_CHOICE = "\nAnswer with the option's letter from the given choices directly."
-LETTERS = "ABCDEFGHIJ"
 
 
 @dataclass
