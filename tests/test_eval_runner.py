@@ -147,7 +147,7 @@ def test_incomplete_chunks_and_cut_lines_are_dropped(tmp_path):
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    data = write_vqa_fixture(tmp_path / "data", n=12)
+    data = write_vqa_fixture(tmp_path / "data", n=16)
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "tokenomy.cli", "eval", "--model", "tiny-llava", "--reducer", "none,random",
                "--keep", "576,64", "--tasks", "vqa-jsonl", "--data-dir", str(data), "--output_path", str(out),
@@ -156,19 +156,21 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     folder = out / "tiny-llava"
     deadline = time.time() + 240
 
-    def first_combo_recorded():
+    def combos_recorded():
         found = list(folder.glob("*_results.json"))
-        return bool(found) and "vqa-jsonl" in json.loads(found[0].read_text())["results"]
+        by_reducer = json.loads(found[0].read_text())["results"].get("vqa-jsonl", {}) if found else {}
+        return sum(len(by_keep) for by_keep in by_reducer.values())
 
-    # Kill inside the second combination: the first one is in the results, a chunk of the second is journaled.
+    # Kill in the middle of the sweep: a combination is in the results and a chunk of the next one is journaled.
     while time.time() < deadline and proc.poll() is None:
-        if any(len(p.read_text().splitlines()) >= 2 for p in folder.glob("*.part")) and first_combo_recorded():
+        if any(len(p.read_text().splitlines()) >= 2 for p in folder.glob("*.part")) and combos_recorded() >= 1:
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = json.loads(next(folder.glob("*_results.json")).read_text())
-    assert state["complete"] is False and list(state["results"]["vqa-jsonl"]) == ["none"]
+    assert state["complete"] is False and 1 <= combos_recorded() < 3, state["results"]
+    assert list(folder.glob("*.part")), "the kill should leave a journal of the combination in progress"
 
     same = dict(tasks=["vqa-jsonl"], data_dir=str(data), reducers=["none", "random"], keeps=[576, 64], batch_size=2,
                 log_samples=True, model="tiny-llava", gen_kwargs={"max_new_tokens": 8})  # what the command line says
@@ -178,7 +180,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert comparable(json.loads(resumed.read_text())) == comparable(json.loads(full.read_text()))
     key = lambda r: (r["reducer"], r["keep"] or 0, r["doc_index"])
     assert comparable(sorted(samples(resumed), key=key)) == comparable(sorted(samples(full), key=key))
-    assert len(samples(resumed)) == 3 * 12 and not list(folder.glob("*.part"))
+    assert len(samples(resumed)) == 3 * 16 and not list(folder.glob("*.part"))
 
 
 def test_resume_refuses_changed_data(tmp_path):
