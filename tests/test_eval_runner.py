@@ -240,6 +240,9 @@ def test_cli_lists_tasks_and_rejects_bad_arguments(tmp_path, capsys):
     assert "need --keep" in capsys.readouterr().err
     assert cli_main(["eval", "--model", "tiny-llava", "--tasks", "vqa-jsonl,nope", "--data-dir", str(data)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+    assert cli_main(["eval", "--model", "tiny-llava", "--reducer", "none,fastvv", "--keep", "8", "--tasks", "vqa-jsonl",
+                     "--data-dir", str(data), "--output_path", str(tmp_path / "out")]) == 2
+    assert "unknown reducer 'fastvv'" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_benchmark_layouts_and_video_through_the_pipeline(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenomy.errors import InputError, TokenomyError
+from tokenomy.errors import InputError, TokenomyError, UnknownNameError
 from tokenomy.eval import tasks as task_registry
 from tokenomy.eval.distributed import Group
 from tokenomy.eval.efficiency import FLOPS_FORMULA, Timer, aggregate_efficiency, peak_memory, reset_peak_memory, sample_efficiency
@@ -139,6 +139,11 @@ def _check_config(config: EvalConfig) -> None:
         raise InputError(f"--on-error must be one of {', '.join(ON_ERROR_POLICIES)}, got {config.on_error!r}")
     for name in config.tasks:
         task_registry.get(name)
+    from tokenomy.reducers import available as available_reducers
+
+    unknown = [r for r in config.reducers if r not in available_reducers()]
+    if unknown:  # before any data is read or model built
+        raise UnknownNameError("reducer", unknown[0], available_reducers())
     if any(r != NO_REDUCTION for r in config.reducers) and not config.keeps:
         raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64")
     if config.batch_size < 1:
