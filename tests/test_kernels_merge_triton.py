@@ -1,20 +1,20 @@
-"""The Triton twin equals the PyTorch reference: plans, merged tokens, sizes, unmerge.
+"""The Triton twin equals the PyTorch reference: plans, merged tokens, sizes, unmerge, attention.
 
-Without a GPU the kernels run in Triton's CPU interpreter, which must be switched on before the first import
-of tokenomy.kernels.merge_triton (Triton decides at decoration time); grids stay tiny because it is slow.
+Without a GPU the kernels run in Triton's CPU interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before
+anything imports triton (Triton decides at decoration time). Grids stay tiny because the interpreter is slow.
 """
-import os
-
 import pytest
 import torch
+import triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import tokenomy.kernels.merge as reference
+import tokenomy.kernels.merge_triton as fused
+from tokenomy.errors import ShapeError
+from tokenomy.kernels import dispatch
 
-import tokenomy.kernels.merge as reference  # noqa: E402
-import tokenomy.kernels.merge_triton as fused  # noqa: E402
-from tokenomy.errors import ShapeError  # noqa: E402
-from tokenomy.kernels import dispatch  # noqa: E402
+if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
+    raise RuntimeError("no GPU and TRITON_INTERPRET is off: run these tests through tests/conftest.py, or set "
+                       "TRITON_INTERPRET=1 before triton is imported")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PLAN_INDEX_FIELDS = ("node_idx", "unm_idx", "src_idx", "dst_start", "dst_count", "out_row")
