@@ -69,9 +69,9 @@ def test_folder_that_is_not_a_supported_model(tmp_path):
         tokenomy.load(str(tmp_path / "nothing" / "here"))
 
 
-def test_vision_signal_reducer_on_qwen_is_refused_clearly():
+def test_cls_reducer_on_a_vit_without_cls_is_refused_clearly():
     pipeline = tokenomy.load("tiny-qwen2-vl", "vtc-cls", keep=4)
-    with pytest.raises(InputError, match="Qwen ViT"):
+    with pytest.raises(InputError, match="QwenViTEncoder has no CLS token"):
         pipeline.generate(random_images(1), ["x"])
 
 

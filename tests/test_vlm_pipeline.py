@@ -182,6 +182,17 @@ def test_fastv_greedy_equals_explicit_masking_reference(family):
     assert [generation.token_ids for generation in generations] == reference
 
 
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_fastv_eager_and_sdpa_agree(family):
+    images = random_images(3)
+    pipeline = tokenomy.load(family, "fastv", keep=4)
+    sdpa = pipeline.generate(images, PROMPTS, max_new_tokens=5)
+    pipeline.model.set_attn_implementation("eager")
+    eager = pipeline.generate(images, PROMPTS, max_new_tokens=5)
+    assert [g.token_ids for g in eager] == [g.token_ids for g in sdpa]
+    assert [g.stats["kept_indices"] for g in eager] == [g.stats["kept_indices"] for g in sdpa]
+
+
 def test_local_folder_round_trip(tmp_path):
     pipeline = tokenomy.load("tiny-llava", "none")
     pipeline.model.save_pretrained(tmp_path)

@@ -6,6 +6,7 @@ what else is in the batch.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
@@ -93,7 +94,7 @@ class Selection:
         return (summed / total.clamp(min=1e-12)[:, None]).to(features.dtype)
 
 
-class Reducer:
+class Reducer(ABC):
     """Base class. Subclasses set `name`, `stage`, `position_policy` and implement `select`."""
 
     name: str = "?"
@@ -121,8 +122,9 @@ class Reducer:
         """Tokens to keep for this image: `keep`, or all of them when keep is None or not smaller."""
         return image.num_tokens if self.keep is None else min(self.keep, image.num_tokens)
 
+    @abstractmethod
     def select(self, image: ImageTokens) -> Selection:
-        raise NotImplementedError(f"reducer {self.name!r} does not implement select()")
+        """What to keep of one image, within `self.budget(image)` tokens."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keep={self.keep})"

@@ -6,6 +6,7 @@ reference positions are.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +33,7 @@ class EncodedImage:
     to_llm: Callable
 
 
-class Adapter:
+class Adapter(ABC):
     family = "?"
     default_policy = PositionPolicy.CONTIGUOUS
     supported_policies = (PositionPolicy.CONTIGUOUS, PositionPolicy.KEEP)
@@ -94,8 +95,9 @@ class Adapter:
         """What to pass to the LLM as position_ids given assembled positions."""
         return positions
 
+    @abstractmethod
     def encode_images(self, batch, request: SignalRequest) -> list:
-        raise NotImplementedError
+        """One `EncodedImage` per image of the batch, in batch order, with the signals of `request`."""
 
 
 class LlavaAdapter(Adapter):

@@ -125,7 +125,7 @@ class InLLMReduction:
         index = self.keep_index[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
         return torch.gather(mask, 3, index)
 
-    def _prefill_mask(self, mask, dtype, device):
+    def _prefill_mask(self, mask, device):
         batch, length = self.keep_index.shape
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & self.slot_valid[:, None, :]
@@ -174,7 +174,7 @@ class InLLMReduction:
                 if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == self.prefill_length:
                     position_ids = position_ids.expand(*position_ids.shape[:-2], hidden.shape[0], -1)
                     kwargs["position_ids"] = self._gather_seq(position_ids, position_ids.dim() - 1)
-                kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), hidden.dtype, hidden.device)
+                kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), hidden.device)
             else:
                 if index == self.layer:
                     self.decoded += hidden.shape[1]

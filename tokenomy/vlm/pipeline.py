@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
 from tokenomy.reducers import create as create_reducer
 from tokenomy.reducers.base import PositionPolicy, Selection, Stage
+from tokenomy.vision.base import SignalRequest
 from tokenomy.vlm.adapters import ADAPTERS, adapter_for
 from tokenomy.vlm.assembly import assemble
 from tokenomy.vlm.in_llm import InLLMReduction
@@ -57,13 +58,15 @@ def load(model, reducer="none", device=None, dtype=None, position_policy=None, *
     if isinstance(model, str) and model in BUILDERS:
         hf_model, processor = BUILDERS[model]()
         name = model
-    elif isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
-        hf_model, processor = _load_local(Path(model), dtype)
-        name = Path(model).name
     elif isinstance(model, (str, os.PathLike)):
-        raise UnknownNameError("model", str(model), BUILDERS) if not os.sep in str(model) else ModelLoadError(
-            f"model folder {model} does not exist"
-        )
+        path = Path(model)
+        if path.is_dir():
+            hf_model, processor = _load_local(path, dtype)
+            name = path.name
+        elif os.sep in str(model) or path.exists():
+            raise ModelLoadError(f"model folder {model} does not exist or is not a folder")
+        else:
+            raise UnknownNameError("model", str(model), BUILDERS)
     else:
         raise InputError(f"model must be a built-in name or a local folder, got {type(model).__name__}")
     if dtype is not None:
@@ -140,10 +143,9 @@ class Pipeline:
         pre = reducer.stage in (Stage.PRE_LLM, Stage.POST_PROJECTOR)
         encoded = []
         if flat_images:
-            request = reducer.vision_request(self.adapter_vision_layers(), self.adapter_feature_layer()) if pre else None
-            from tokenomy.vision.base import SignalRequest
-
-            encoded = self.adapter.encode_images(batch, request or SignalRequest())
+            vision, feature_layer = self.adapter.vision, self.adapter.feature_layer
+            request = reducer.vision_request(vision.num_layers, feature_layer) if pre else SignalRequest()
+            encoded = self.adapter.encode_images(batch, request)
         selections = [reducer.select(image.tokens) if pre else Selection.keep_all(image.tokens) for image in encoded]
         inputs = assemble(self.adapter, batch, encoded, selections, self.position_policy)
         llm_kwargs = dict(
@@ -155,13 +157,6 @@ class Pipeline:
         context = InLLMReduction(self.adapter.decoder_layers, reducer, inputs) if in_llm else nullcontext()
         info = dict(batch=batch, encoded=encoded, selections=selections, inputs=inputs, per_prompt=per_prompt)
         return llm_kwargs, context, info
-
-    def adapter_vision_layers(self):
-        vision = getattr(self.adapter, "vision", None)
-        return vision.num_layers if vision is not None else 0
-
-    def adapter_feature_layer(self):
-        return getattr(self.adapter, "feature_layer", -1)
 
     # ---- running --------------------------------------------------------------------------------------------------
     @torch.no_grad()
