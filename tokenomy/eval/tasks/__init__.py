@@ -8,10 +8,11 @@ from tokenomy.eval.tasks.mme import MME
 from tokenomy.eval.tasks.multiple_choice import MMBench, MMBenchJudge, ScienceQAImg, SEEDBenchImage
 from tokenomy.eval.tasks.pope import POPE, POPEStrict
 from tokenomy.eval.tasks.videomme import VideoMME
+from tokenomy.eval.synthvqa_task import SynthVQA
 from tokenomy.eval.tasks.vqa import TextVQA, TextVQANoOCR, VizWiz, VQAJsonl, VQAv2
 
 _TASKS = {cls.name: cls for cls in (VQAv2, TextVQA, TextVQANoOCR, VizWiz, GQA, POPE, POPEStrict, MME, ScienceQAImg,
-                                      MMBench, MMBenchJudge, SEEDBenchImage, VideoMME, VQAJsonl)}
+                                      MMBench, MMBenchJudge, SEEDBenchImage, VideoMME, VQAJsonl, SynthVQA)}
 
 
 def available() -> list[str]:

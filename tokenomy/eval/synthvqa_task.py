@@ -1,0 +1,43 @@
+"""synthvqa as a task of `tokenomy eval`: generated in memory (no files; --data-dir is not read), exact match,
+accuracy overall and per question type."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenomy.eval import synthvqa
+from tokenomy.eval.data import ImageRef
+from tokenomy.eval.tasks.base import LoadResult, Task, mean_percent
+
+
+class SynthVQA(Task):
+    name = "synthvqa"
+    description = "synthetic VQA test split, generated from fixed seeds (no files): exact match, accuracy per type"
+    max_new_tokens = 4  # one-word answers
+    split = "test"
+
+    def config(self) -> dict:
+        return {**super().config(), "split": self.split, "scenes": synthvqa.split_size(self.split),
+                "question_types": list(synthvqa.QUESTION_TYPES)}
+
+    def load(self, data_dir: Path) -> LoadResult:
+        # Scene by scene, so the first N questions (--limit N) cover every question type.
+        docs = [{**item, "image": ImageRef(pil=item["image"])} for item in synthvqa.items(self.split)]
+        return self.validate_all(LoadResult(docs))
+
+    def prompt(self, doc: dict) -> str:
+        return doc["question"]  # the reference models were trained on the bare question
+
+    def target(self, doc: dict):
+        return doc["answers"]
+
+    def score(self, doc: dict, prediction: str) -> dict:
+        return {"score": float(synthvqa.is_correct(prediction, doc["answers"])), "type": doc["type"],
+                "normalized_prediction": synthvqa.normalize_answer(prediction)}
+
+    def aggregate(self, records: list[dict]) -> dict:
+        metrics = {"accuracy": mean_percent([r["score"] for r in records])}
+        for kind in synthvqa.QUESTION_TYPES:
+            scores = [r["score"] for r in records if r["type"] == kind]
+            if scores:
+                metrics[f"accuracy_{kind}"] = mean_percent(scores)
+        return metrics
