@@ -37,6 +37,7 @@ class ARConfig:
     heads: int = 4
     class_dropout: float = 0.1
     dropout: float = 0.0
+    ffn_multiple_of: int = 64
 
 
 class ARGenerator(nn.Module):
@@ -49,7 +50,7 @@ class ARGenerator(nn.Module):
         self.config = config
         self.token_embed = nn.Embedding(config.vocab_size, config.width)
         self.class_embed = nn.Embedding(config.num_classes + 1, config.width)  # last row = null class for CFG
-        self.trunk = Trunk(TransformerConfig(config.width, config.depth, config.heads, dropout=config.dropout), config.vocab_size)
+        self.trunk = Trunk(TransformerConfig(config.width, config.depth, config.heads, config.ffn_multiple_of, config.dropout), config.vocab_size)
         self.register_buffer("cell_angles", grid_angles(config.grid_rows, config.grid_cols, self.trunk.head_dim), persistent=False)
         self.forward_passes = 0
 
