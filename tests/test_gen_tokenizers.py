@@ -1,4 +1,6 @@
 """Quantizers and tokenizers: lattice/bijection properties, encode/decode contracts, ordered-prefix structure."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,6 +47,8 @@ def test_vq_picks_nearest_normalised_code_with_straight_through_gradient():
     lambda: GridVQTokenizer(GridVQConfig(image_size=16, channels=16, codebook_size=32)),
     lambda: TiTokTokenizer(TiTokConfig(image_size=16, width=32, depth=1, heads=2, num_latent_tokens=8, codebook_size=32)),
     lambda: FlexTokTokenizer(FlexTokConfig(image_size=16, width=32, encoder_depth=1, decoder_depth=1, heads=2, num_registers=8, sample_steps=3)),
+    lambda: FlexTokTokenizer(FlexTokConfig(image_size=16, patch_size=2, width=32, encoder_depth=1, decoder_depth=1, heads=2, num_registers=8,
+                                           sample_steps=3, vae=dataclasses.asdict(GridVQConfig(image_size=16, channels=16, codebook_size=32)))),
 ])
 def test_tokenizer_encode_decode_save_load(make, tmp_path):
     torch.manual_seed(0)
@@ -53,7 +57,11 @@ def test_tokenizer_encode_decode_save_load(make, tmp_path):
     ids = tokenizer.encode(images)
     assert ids.shape == (2, tokenizer.num_tokens) and ids.dtype == torch.long
     assert ids.min() >= 0 and ids.max() < tokenizer.vocab_size
-    decode = (lambda t, x: t.decode(x, noise=torch.zeros(2, 3, 16, 16))) if isinstance(tokenizer, FlexTokTokenizer) else (lambda t, x: t.decode(x))
+    if isinstance(tokenizer, FlexTokTokenizer):
+        noise = torch.randn(2, *tokenizer.noise_shape, generator=torch.Generator().manual_seed(0))
+        decode = lambda t, x: t.decode(x, noise=noise)
+    else:
+        decode = lambda t, x: t.decode(x)
     out = decode(tokenizer, ids)
     assert out.shape == images.shape and out.abs().max() <= 1
     loss, _ = tokenizer.train().loss(images, torch.Generator().manual_seed(0))

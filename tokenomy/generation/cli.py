@@ -31,7 +31,8 @@ def _train_tokenizer(args) -> int:
     from tokenomy.generation.train import train_tokenizer
 
     train_tokenizer(args.kind, args.out, dataset=args.dataset, steps=args.steps, batch=args.batch, lr=args.lr,
-                    minutes=args.minutes, seed=args.seed, init_from=args.init_from, **_overrides(args.set))
+                    minutes=args.minutes, seed=args.seed, init_from=args.init_from, pool=args.pool, pool_cache=args.pool_cache,
+                    **_overrides(args.set))
     print(f"saved {args.kind} tokenizer to {args.out}")
     return 0
 
@@ -40,7 +41,8 @@ def _train_ar(args) -> int:
     from tokenomy.generation.train import train_ar
 
     train_ar(args.kind, args.tokenizer, args.out, dataset=args.dataset, steps=args.steps, batch=args.batch, lr=args.lr,
-             minutes=args.minutes, seed=args.seed, num_images=args.num_images, init_from=args.init_from, **_overrides(args.set))
+             minutes=args.minutes, seed=args.seed, num_images=args.num_images, init_from=args.init_from, pool_cache=args.pool_cache,
+             **_overrides(args.set))
     print(f"saved {args.kind} generator to {args.out}")
     return 0
 
@@ -97,6 +99,8 @@ def add_parser(subparsers) -> None:
     tok.add_argument("--minutes", type=float, default=None, help="stop after this wall-clock budget (a checkpoint is saved)")
     tok.add_argument("--seed", type=int, default=0)
     tok.add_argument("--init-from", default=None, help="continue training a saved tokenizer folder")
+    tok.add_argument("--pool", type=int, default=0, help="train on a fixed pool of this many images (0 = fresh images every step)")
+    tok.add_argument("--pool-cache", default=None, help="file caching the image pool as uint8, shared between runs")
     tok.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. width=96 levels=8,5,5,5")
     tok.set_defaults(func=_train_tokenizer)
 
@@ -112,6 +116,7 @@ def add_parser(subparsers) -> None:
     ar.add_argument("--seed", type=int, default=0)
     ar.add_argument("--num-images", type=int, default=20000, help="size of the tokenized training set")
     ar.add_argument("--init-from", default=None)
+    ar.add_argument("--pool-cache", default=None, help="file caching the image pool as uint8, shared between runs")
     ar.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. width=128 depth=4")
     ar.set_defaults(func=_train_ar)
 

@@ -92,3 +92,19 @@ def sample_batch(dataset: str, batch: int, generator: torch.Generator, image_siz
         picks = torch.randint(images.shape[0], (batch,), generator=generator)
         return images[picks], labels[picks]
     raise UnknownNameError("dataset", dataset, DATASETS)
+
+
+def image_pool(dataset: str, size: int, seed: int = 1, image_size: int = 32, cache=None):
+    """A fixed set of (images, labels), optionally cached on disk as uint8 so several trainings share it."""
+    from pathlib import Path
+
+    if cache is not None and Path(cache).is_file():
+        stored = torch.load(cache, weights_only=True)
+        if stored["images"].shape[0] >= size:
+            return stored["images"][:size].float() / 127.5 - 1, stored["labels"][:size]
+    generator = torch.Generator().manual_seed(seed)
+    chunks = [sample_batch(dataset, min(500, size - start), generator, image_size) for start in range(0, size, 500)]
+    images, labels = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+    if cache is not None:
+        torch.save({"images": ((images + 1) * 127.5).round().to(torch.uint8), "labels": labels}, cache)
+    return ((images + 1) * 127.5).round() / 127.5 - 1, labels

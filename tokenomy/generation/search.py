@@ -108,8 +108,7 @@ class Searcher:
         self._takes_noise = "noise" in inspect.signature(tokenizer.decode).parameters
 
     def _noise(self, generator):
-        size = self.tokenizer.config.image_size
-        return torch.randn(1, 3, size, size, generator=generator)
+        return torch.randn(1, *self.tokenizer.noise_shape, generator=generator) if self._takes_noise else None
 
     @torch.no_grad()
     def score(self, prompt, tokens: torch.Tensor, noise: torch.Tensor, compute: Compute):

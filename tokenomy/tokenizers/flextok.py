@@ -5,6 +5,8 @@ registers <= i, so token i only summarises what tokens < i left out. Registers a
 Nested dropout keeps a random power-of-two prefix during training, so every prefix decodes.
 Decoder: a rectified-flow transformer (adaLN-zero on the time step) over [noised patches ; register slots];
 slots past the kept prefix hold one learned mask token, and a learned null condition gives classifier-free guidance.
+As in FlexTok, both run on the latents of a frozen autoencoder when one is attached (`vae`: the config of a
+trained 2D grid VQ tokenizer, whose weights are stored with this model); without it they run on pixels.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tokenomy.errors import InputError
 from tokenomy.tokenizers.base import ImageTokenizer, register
 from tokenomy.tokenizers.blocks import AdaLNZeroBlock, ViTBlock, patchify, timestep_embedding, unpatchify
 from tokenomy.tokenizers.fsq import FSQ
+from tokenomy.tokenizers.grid_vq import GridVQConfig, GridVQTokenizer
 from tokenomy.tokenizers.rectified_flow import euler_sample, flow_matching_loss
 
 
@@ -33,6 +36,8 @@ class FlexTokConfig:
     null_condition_p: float = 0.1
     sample_steps: int = 25
     guidance: float = 1.5
+    vae: dict | None = None
+    latent_scale: float = 1.0
 
 
 def power_of_two_keep(batch: int, max_tokens: int, device, generator=None) -> torch.Tensor:
@@ -59,8 +64,15 @@ class FlexTokTokenizer(ImageTokenizer):
     def __init__(self, config: FlexTokConfig = FlexTokConfig()):
         super().__init__(config)
         c = config
-        self.grid = (c.image_size // c.patch_size, c.image_size // c.patch_size)
-        num_patches, patch_dim, scale = self.grid[0] * self.grid[1], 3 * c.patch_size**2, 0.02
+        if c.vae is not None:
+            self.vae = GridVQTokenizer(GridVQConfig(**c.vae)).eval().requires_grad_(False)
+            side = c.image_size // self.vae.config.downsample
+            self.latent_shape = (self.vae.config.code_dim, side, side)
+        else:
+            self.vae = None
+            self.latent_shape = (3, c.image_size, c.image_size)
+        self.grid = (self.latent_shape[1] // c.patch_size, self.latent_shape[2] // c.patch_size)
+        num_patches, patch_dim, scale = self.grid[0] * self.grid[1], self.latent_shape[0] * c.patch_size**2, 0.02
         self.fsq = FSQ(c.levels)
         # encoder
         self.patch_embed = nn.Linear(patch_dim, c.width)
@@ -93,10 +105,37 @@ class FlexTokTokenizer(ImageTokenizer):
     def vocab_size(self) -> int:
         return self.fsq.codebook_size
 
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        return self.latent_shape
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # the autoencoder stays frozen
+        return self
+
+    @torch.no_grad()
+    def to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return images
+        return self.vae._quantize(images)[0].permute(0, 3, 1, 2) * self.config.latent_scale
+
+    @torch.no_grad()
+    def from_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latent.clamp(-1, 1)
+        # snap the sampled latent onto the autoencoder's codebook, the only inputs its decoder was trained on
+        codes = self.vae.quantizer(latent.permute(0, 2, 3, 1) / self.config.latent_scale)[0]
+        return self.vae._decode_codes(codes).clamp(-1, 1)
+
     # ---- encoder -------------------------------------------------------------------------------------------
     def _encode_codes(self, images: torch.Tensor):
-        patches = self.patch_embed(patchify(images, self.config.patch_size)) + self.patch_pos
-        x = torch.cat([patches, self.registers.expand(images.shape[0], -1, -1)], dim=1)
+        return self._encode_latent(self.to_latent(images))
+
+    def _encode_latent(self, latent: torch.Tensor):
+        patches = self.patch_embed(patchify(latent, self.config.patch_size)) + self.patch_pos
+        x = torch.cat([patches, self.registers.expand(latent.shape[0], -1, -1)], dim=1)
         for block in self.encoder:
             x = block(x, self.encoder_mask)
         return self.fsq(self.to_code(self.encoder_norm(x[:, -self.num_tokens :])))
@@ -122,7 +161,7 @@ class FlexTokTokenizer(ImageTokenizer):
         for block in self.decoder:
             x = block(x, cond)
         v = self.to_velocity(self.decoder_norm(x[:, : patches.shape[1]]))
-        return unpatchify(v, self.config.patch_size, 3, self.grid)
+        return unpatchify(v, self.config.patch_size, self.latent_shape[0], self.grid)
 
     def ids_to_condition(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.num_tokens:
@@ -135,28 +174,32 @@ class FlexTokTokenizer(ImageTokenizer):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, steps: int | None = None, guidance: float | None = None,
                noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode any prefix ids [B, k], 1 <= k <= K. `noise` (or `generator`) fixes the flow's starting point."""
+        """Decode any prefix ids [B, k], 1 <= k <= K. `noise` [B, *noise_shape] (or `generator`) fixes the
+        flow's starting point."""
         steps = steps or self.config.sample_steps
         guidance = self.config.guidance if guidance is None else guidance
         cond = self.ids_to_condition(ids)
-        size = self.config.image_size
         if noise is None:
-            noise = torch.randn(ids.shape[0], 3, size, size, device=ids.device, generator=generator)
+            noise = torch.randn(ids.shape[0], *self.latent_shape, device=ids.device, generator=generator)
+        if noise.shape[1:] != self.latent_shape:
+            raise InputError(f"FlexTok noise must be [B, {', '.join(map(str, self.latent_shape))}], got {tuple(noise.shape)}")
         if guidance == 1.0:
-            return euler_sample(lambda x, t: self.velocity(x, t, cond), noise, steps).clamp(-1, 1)
+            return self.from_latent(euler_sample(lambda x, t: self.velocity(x, t, cond), noise, steps))
         null = self.null_condition.expand_as(cond)
 
         def guided(x, t):
             v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
             return v_null + guidance * (v_cond - v_null)
 
-        return euler_sample(guided, noise, steps).clamp(-1, 1)
+        return self.from_latent(euler_sample(guided, noise, steps))
 
-    def loss(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        codes, _ = self._encode_codes(images)
-        keep = power_of_two_keep(images.shape[0], self.num_tokens, images.device, generator)
+    def loss(self, images: torch.Tensor, generator: torch.Generator | None = None, latent: torch.Tensor | None = None):
+        """Flow-matching loss with nested dropout; pass `latent` (= to_latent(images)) to skip the autoencoder."""
+        latent = self.to_latent(images) if latent is None else latent
+        codes, _ = self._encode_latent(latent)
+        keep = power_of_two_keep(latent.shape[0], self.num_tokens, latent.device, generator)
         cond = self.condition(codes, keep)
-        drop = torch.rand(images.shape[0], device=images.device, generator=generator) < self.config.null_condition_p
+        drop = torch.rand(latent.shape[0], device=latent.device, generator=generator) < self.config.null_condition_p
         cond = torch.where(drop[:, None, None], self.null_condition.expand_as(cond), cond)
-        loss = flow_matching_loss(lambda x, t: self.velocity(x, t, cond), images, generator)
+        loss = flow_matching_loss(lambda x, t: self.velocity(x, t, cond), latent, generator)
         return loss, {"flow": loss.item()}

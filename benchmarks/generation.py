@@ -1,0 +1,170 @@
+"""Generation-branch benchmark on the shipped tiny checkpoints (CPU is enough).
+
+1. Reconstruction PSNR against token count: the ordered FlexTok-style tokenizer at every power-of-two prefix,
+   the 2D grid VQ tokenizer, the TiTok-style tokenizer when shipped, and two baselines (mean image, 4x
+   nearest down/up-sampling).
+2. RandAR decoding: forward passes, wall time, KID / FID on the local classifier's features and class
+   consistency, for sequential decoding (one token per step) and parallel decoding (cosine schedule).
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/generation.py --out benchmarks/generation.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tokenomy.generation.base import load_generator
+from tokenomy.generation.classifier import SmallClassifier
+from tokenomy.generation.data import shapes_batch
+from tokenomy.generation.metrics import frechet_distance, kernel_inception_distance, psnr
+from tokenomy.tokenizers import load_tokenizer
+
+ASSETS = Path(__file__).resolve().parent.parent / "tokenomy" / "assets" / "generation"
+
+
+def reconstruction_table(images: torch.Tensor, train_images: torch.Tensor, flow_steps: int) -> list[dict]:
+    rows = []
+    mean_image = train_images.mean(0, keepdim=True).expand_as(images)
+    rows.append({"tokenizer": "baseline: mean image", "tokens": 0, "psnr_db": psnr(mean_image, images).mean().item()})
+    small = torch.nn.functional.interpolate(images, scale_factor=0.25, mode="nearest")
+    rows.append({"tokenizer": "baseline: 4x nearest down/up (64 RGB pixels)", "tokens": 64,
+                 "psnr_db": psnr(torch.nn.functional.interpolate(small, scale_factor=4, mode="nearest"), images).mean().item()})
+    for name in ("grid_vq", "titok"):
+        if (ASSETS / name).is_dir():
+            tok = load_tokenizer(ASSETS / name)
+            with torch.no_grad():
+                recon = tok.decode(tok.encode(images))
+            rows.append({"tokenizer": name, "tokens": tok.num_tokens, "vocab": tok.vocab_size, "psnr_db": psnr(recon, images).mean().item()})
+    flextok = load_tokenizer(ASSETS / "flextok")
+    ids = flextok.encode(images)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    k = 1
+    while k <= flextok.num_tokens:
+        start = time.perf_counter()
+        recon = torch.cat([flextok.decode(ids[i : i + 128, :k], steps=flow_steps, noise=noise[i : i + 128]) for i in range(0, len(ids), 128)])
+        rows.append({"tokenizer": f"flextok prefix ({flow_steps} Euler steps, CFG {flextok.config.guidance})", "tokens": k,
+                     "vocab": flextok.vocab_size, "psnr_db": psnr(recon, images).mean().item(),
+                     "mse": (recon - images).pow(2).mean().item(), "decode_s_per_image": (time.perf_counter() - start) / len(ids)})
+        k *= 2
+    return rows
+
+
+def decoding_table(num_images: int, steps_list: list[int], cfg: float, seed: int) -> tuple[list[dict], dict]:
+    generator_model = load_generator(ASSETS / "randar")
+    tokenizer = load_tokenizer(ASSETS / "grid_vq")
+    classifier = SmallClassifier.load(ASSETS / "classifier")
+    real, _ = shapes_batch(num_images, 32, torch.Generator().manual_seed(10_000 + seed))
+    real_b, _ = shapes_batch(num_images, 32, torch.Generator().manual_seed(20_000 + seed))
+    with torch.no_grad():
+        real_features, real_b_features = classifier.features(real), classifier.features(real_b)
+        recon_features = classifier.features(tokenizer.decode(tokenizer.encode(real_b)))
+    floor = {"kid_real_vs_real": kernel_inception_distance(real_b_features, real_features),
+             "fid_real_vs_real": frechet_distance(real_b_features, real_features),
+             "kid_recon_vs_real": kernel_inception_distance(recon_features, real_features),
+             "fid_recon_vs_real": frechet_distance(recon_features, real_features)}
+    labels = torch.arange(num_images) % generator_model.config.num_classes
+    rows = []
+    for steps in tqdm(steps_list, desc="randar decoding settings"):
+        generator_model.forward_passes = 0
+        rng = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        tokens = torch.cat([generator_model.generate(labels[i : i + 256], steps=steps, cfg=cfg, generator=rng)
+                            for i in range(0, num_images, 256)])
+        elapsed = time.perf_counter() - start
+        passes = generator_model.forward_passes / ((num_images + 255) // 256)
+        with torch.no_grad():
+            images = tokenizer.decode(tokens)
+            logits = classifier(images)
+            features = classifier.features(images)
+        kid, kid_std = kernel_inception_distance(features, real_features)
+        rows.append({"steps": steps or generator_model.num_tokens, "forward_passes_per_image": passes, "wall_s": elapsed,
+                     "kid": kid, "kid_std": kid_std, "fid": frechet_distance(features, real_features),
+                     "class_consistency": (logits.argmax(-1) == labels).float().mean().item()})
+    return rows, floor
+
+
+def likelihood_table(num_images: int, seed: int) -> list[dict]:
+    """Held-out NLL (nats/token) of the RandAR model under teacher forcing, in raster and in random order."""
+    generator_model = load_generator(ASSETS / "randar")
+    tokenizer = load_tokenizer(ASSETS / "grid_vq")
+    images, labels = shapes_batch(num_images, 32, torch.Generator().manual_seed(30_000 + seed))
+    tokens = tokenizer.encode(images)
+    rows = []
+    with torch.no_grad():
+        for order in ("raster", "random"):
+            log_prob = generator_model.sequence_log_prob(labels, tokens, order=order, generator=torch.Generator().manual_seed(seed))
+            rows.append({"order": order, "nll_nats_per_token": -log_prob.mean().item() / tokens.shape[1]})
+    return rows
+
+
+def search_table(targets: list[int], budget_candidates: int, seed: int) -> list[dict]:
+    """AR-free search over the ordered tokenizer's first 4 tokens with the local classifier as verifier."""
+    from tokenomy.generation.search import Searcher, UniformPrior
+    from tokenomy.generation.verifiers import ClassifierVerifier
+
+    tokenizer = load_tokenizer(ASSETS / "flextok")
+    verifier = ClassifierVerifier(SmallClassifier.load(ASSETS / "classifier"))
+    searcher = Searcher(UniformPrior(tokenizer.vocab_size, 4), tokenizer, verifier, decode_kwargs={"steps": 10})
+    results = {"best-of-1": [], "beam (2 beams, schedule 1,2,4)": [], "best-of-N (same decodes as beam)": []}
+    decodes = 0
+    for target in tqdm(targets, desc="search targets"):
+        rng = lambda: torch.Generator().manual_seed(seed + target)
+        one = searcher.best_of_n(target, 1, generator=rng())
+        beam = searcher.beam_search(target, beams=2, candidates=budget_candidates, schedule=[1, 2, 4], generator=rng())
+        bon = searcher.best_of_n(target, beam.compute.decoded_images, generator=rng())
+        decodes = beam.compute.decoded_images
+        for name, result in zip(results, (one, beam, bon)):
+            with torch.no_grad():
+                hit = verifier.classifier(result.images[:1]).argmax(-1).item() == target
+            results[name].append((float(result.scores[0]), hit))
+    return [{"method": name, "decoded_images": 1 if name == "best-of-1" else decodes,
+             "mean_verifier_log_prob": sum(s for s, _ in rows) / len(rows), "target_class_hit_rate": sum(h for _, h in rows) / len(rows)}
+            for name, rows in results.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=1024, help="generated images per decoding setting")
+    parser.add_argument("--recon-images", type=int, default=256)
+    parser.add_argument("--steps", default="0,32,22,16", help="RandAR steps to compare; 0 = sequential (one token per step)")
+    parser.add_argument("--cfg", type=float, default=2.0)
+    parser.add_argument("--flow-steps", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/generation.json")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    held_out, _ = shapes_batch(args.recon_images, 32, torch.Generator().manual_seed(123))
+    train_like, _ = shapes_batch(1024, 32, torch.Generator().manual_seed(321))
+    recon = reconstruction_table(held_out, train_like, args.flow_steps)
+    decoding, floor = decoding_table(args.num_images, [int(s) for s in args.steps.split(",")], args.cfg, args.seed)
+    likelihood = likelihood_table(512, args.seed)
+    search = search_table(list(range(16)), 8, args.seed)
+    report = {"likelihood": likelihood, "search": search, "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args),
+              "reconstruction": recon, "decoding": decoding, "quality_floor": floor}
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print("| tokenizer | tokens | PSNR (dB) |\n|---|---|---|")
+    for row in recon:
+        print(f"| {row['tokenizer']} | {row['tokens']} | {row['psnr_db']:.2f} |")
+    print("\n| RandAR steps | forward passes / image | wall (s) | KID x1e3 (± std) | FID | class consistency |\n|---|---|---|---|---|---|")
+    for row in decoding:
+        print(f"| {row['steps']} | {row['forward_passes_per_image']:.0f} | {row['wall_s']:.1f} | {1e3 * row['kid']:.2f} ± {1e3 * row['kid_std']:.2f} | {row['fid']:.2f} | {row['class_consistency']:.3f} |")
+    print(f"\nfloor: KID real-vs-real {1e3 * floor['kid_real_vs_real'][0]:.2f} ± {1e3 * floor['kid_real_vs_real'][1]:.2f}, "
+          f"KID reconstructions-vs-real {1e3 * floor['kid_recon_vs_real'][0]:.2f}, FID real-vs-real {floor['fid_real_vs_real']:.2f}, "
+          f"FID reconstructions-vs-real {floor['fid_recon_vs_real']:.2f}")
+    print("\n| RandAR order | held-out NLL (nats/token) |\n|---|---|")
+    for row in likelihood:
+        print(f"| {row['order']} | {row['nll_nats_per_token']:.3f} |")
+    print("\n| search (uniform prior, 4 ordered tokens) | decoded images | mean log p(target) | target hit rate |\n|---|---|---|---|")
+    for row in search:
+        print(f"| {row['method']} | {row['decoded_images']} | {row['mean_verifier_log_prob']:.2f} | {row['target_class_hit_rate']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
