@@ -43,7 +43,7 @@ def reconstruction_table(images: torch.Tensor, train_images: torch.Tensor, flow_
             rows.append({"tokenizer": name, "tokens": tok.num_tokens, "vocab": tok.vocab_size, "psnr_db": psnr(recon, images).mean().item()})
     flextok = load_tokenizer(ASSETS / "flextok")
     ids = flextok.encode(images)
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(images.shape[0], *flextok.noise_shape, generator=torch.Generator().manual_seed(0))
     k = 1
     while k <= flextok.num_tokens:
         start = time.perf_counter()
@@ -55,24 +55,34 @@ def reconstruction_table(images: torch.Tensor, train_images: torch.Tensor, flow_
     return rows
 
 
-def decoding_table(num_images: int, steps_list: list[int], cfg: float, seed: int) -> tuple[list[dict], dict]:
+def decoding_table(num_images: int, settings: list[str], cfg: float, seed: int) -> tuple[list[dict], dict]:
+    """settings: "STEPS" or "STEPS@SEED_OFFSET" (a second seed of one setting shows run-to-run noise)."""
     generator_model = load_generator(ASSETS / "randar")
     tokenizer = load_tokenizer(ASSETS / "grid_vq")
     classifier = SmallClassifier.load(ASSETS / "classifier")
     real, _ = shapes_batch(num_images, 32, torch.Generator().manual_seed(10_000 + seed))
     real_b, _ = shapes_batch(num_images, 32, torch.Generator().manual_seed(20_000 + seed))
     with torch.no_grad():
-        real_features, real_b_features = classifier.features(real), classifier.features(real_b)
-        recon_features = classifier.features(tokenizer.decode(tokenizer.encode(real_b)))
-    floor = {"kid_real_vs_real": kernel_inception_distance(real_b_features, real_features),
-             "fid_real_vs_real": frechet_distance(real_b_features, real_features),
-             "kid_recon_vs_real": kernel_inception_distance(recon_features, real_features),
-             "fid_recon_vs_real": frechet_distance(recon_features, real_features)}
+        # The generator models the tokenizer's ids, so its reference is the tokenizer's reconstructions of real
+        # images: that keeps the tokenizer's own artefacts out of the generator's score. Features are
+        # standardised with the reference statistics so the cubic KID kernel works on unit-scale inputs.
+        reference_raw = classifier.features(tokenizer.decode(tokenizer.encode(real)))
+        mean, std = reference_raw.mean(0), reference_raw.std()  # one global scale: near-constant dims must not blow up
+        standardise = lambda f: (f - mean) / std
+        reference = standardise(reference_raw)
+        recon_b = standardise(classifier.features(tokenizer.decode(tokenizer.encode(real_b))))
+        real_b_features = standardise(classifier.features(real_b))
+    floor = {"kid_recon_vs_recon": kernel_inception_distance(recon_b, reference),
+             "fid_recon_vs_recon": frechet_distance(recon_b, reference),
+             "kid_real_vs_recon": kernel_inception_distance(real_b_features, reference),
+             "fid_real_vs_recon": frechet_distance(real_b_features, reference)}
     labels = torch.arange(num_images) % generator_model.config.num_classes
     rows = []
-    for steps in tqdm(steps_list, desc="randar decoding settings"):
+    for setting in tqdm(settings, desc="randar decoding settings"):
+        steps, _, offset = setting.partition("@")
+        steps, run_seed = int(steps), seed + int(offset or 0)
         generator_model.forward_passes = 0
-        rng = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed(run_seed)
         start = time.perf_counter()
         tokens = torch.cat([generator_model.generate(labels[i : i + 256], steps=steps, cfg=cfg, generator=rng)
                             for i in range(0, num_images, 256)])
@@ -81,10 +91,10 @@ def decoding_table(num_images: int, steps_list: list[int], cfg: float, seed: int
         with torch.no_grad():
             images = tokenizer.decode(tokens)
             logits = classifier(images)
-            features = classifier.features(images)
-        kid, kid_std = kernel_inception_distance(features, real_features)
-        rows.append({"steps": steps or generator_model.num_tokens, "forward_passes_per_image": passes, "wall_s": elapsed,
-                     "kid": kid, "kid_std": kid_std, "fid": frechet_distance(features, real_features),
+            features = standardise(classifier.features(images))
+        kid, kid_std = kernel_inception_distance(features, reference)
+        rows.append({"steps": steps or generator_model.num_tokens, "seed": run_seed, "forward_passes_per_image": passes, "wall_s": elapsed,
+                     "kid": kid, "kid_std": kid_std, "fid": frechet_distance(features, reference),
                      "class_consistency": (logits.argmax(-1) == labels).float().mean().item()})
     return rows, floor
 
@@ -132,35 +142,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=1024, help="generated images per decoding setting")
     parser.add_argument("--recon-images", type=int, default=256)
-    parser.add_argument("--steps", default="0,32,22,16", help="RandAR steps to compare; 0 = sequential (one token per step)")
+    parser.add_argument("--steps", default="0,0@1,32,22,16", help="RandAR steps to compare; 0 = sequential (one token per step); @k = seed offset")
     parser.add_argument("--cfg", type=float, default=2.0)
     parser.add_argument("--flow-steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default="recon,decoding,likelihood,search", help="comma-separated sections to run")
     parser.add_argument("--out", default="benchmarks/generation.json")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    held_out, _ = shapes_batch(args.recon_images, 32, torch.Generator().manual_seed(123))
-    train_like, _ = shapes_batch(1024, 32, torch.Generator().manual_seed(321))
-    recon = reconstruction_table(held_out, train_like, args.flow_steps)
-    decoding, floor = decoding_table(args.num_images, [int(s) for s in args.steps.split(",")], args.cfg, args.seed)
-    likelihood = likelihood_table(512, args.seed)
-    search = search_table(list(range(16)), 8, args.seed)
-    report = {"likelihood": likelihood, "search": search, "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}",
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args),
-              "reconstruction": recon, "decoding": decoding, "quality_floor": floor}
+    parts = set(args.parts.split(","))
+    recon = decoding = likelihood = search = []
+    floor = {}
+    if "recon" in parts:
+        held_out, _ = shapes_batch(args.recon_images, 32, torch.Generator().manual_seed(123))
+        train_like, _ = shapes_batch(1024, 32, torch.Generator().manual_seed(321))
+        recon = reconstruction_table(held_out, train_like, args.flow_steps)
+    if "decoding" in parts:
+        decoding, floor = decoding_table(args.num_images, args.steps.split(","), args.cfg, args.seed)
+    if "likelihood" in parts:
+        likelihood = likelihood_table(512, args.seed)
+    if "search" in parts:
+        search = search_table(list(range(16)), 8, args.seed)
+    report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args), "reconstruction": recon,
+              "decoding": decoding, "quality_floor": floor, "likelihood": likelihood, "search": search}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("| tokenizer | tokens | PSNR (dB) |\n|---|---|---|")
     for row in recon:
         print(f"| {row['tokenizer']} | {row['tokens']} | {row['psnr_db']:.2f} |")
-    print("\n| RandAR steps | forward passes / image | wall (s) | KID x1e3 (± std) | FID | class consistency |\n|---|---|---|---|---|---|")
+    print("\n| RandAR steps | seed | forward passes / image | wall (s) | KID x1e3 (± std) | FID | class consistency |\n|---|---|---|---|---|---|---|")
     for row in decoding:
-        print(f"| {row['steps']} | {row['forward_passes_per_image']:.0f} | {row['wall_s']:.1f} | {1e3 * row['kid']:.2f} ± {1e3 * row['kid_std']:.2f} | {row['fid']:.2f} | {row['class_consistency']:.3f} |")
-    print(f"\nfloor: KID real-vs-real {1e3 * floor['kid_real_vs_real'][0]:.2f} ± {1e3 * floor['kid_real_vs_real'][1]:.2f}, "
-          f"KID reconstructions-vs-real {1e3 * floor['kid_recon_vs_real'][0]:.2f}, FID real-vs-real {floor['fid_real_vs_real']:.2f}, "
-          f"FID reconstructions-vs-real {floor['fid_recon_vs_real']:.2f}")
-    print("\n| RandAR order | held-out NLL (nats/token) |\n|---|---|")
-    for row in likelihood:
-        print(f"| {row['order']} | {row['nll_nats_per_token']:.3f} |")
+        print(f"| {row['steps']} | {row['seed']} | {row['forward_passes_per_image']:.0f} | {row['wall_s']:.1f} | {1e3 * row['kid']:.2f} ± {1e3 * row['kid_std']:.2f} | {row['fid']:.2f} | {row['class_consistency']:.3f} |")
+    if floor:
+        print(f"\nreference = grid VQ reconstructions of {args.num_images} held-out images; floor (other held-out reconstructions): "
+              f"KID x1e3 {1e3 * floor['kid_recon_vs_recon'][0]:.2f} ± {1e3 * floor['kid_recon_vs_recon'][1]:.2f}, FID {floor['fid_recon_vs_recon']:.2f}; "
+              f"raw held-out images: KID x1e3 {1e3 * floor['kid_real_vs_recon'][0]:.2f}, FID {floor['fid_real_vs_recon']:.2f}")
+    if likelihood:
+        print("\n| RandAR order | held-out NLL (nats/token) |\n|---|---|")
+        for row in likelihood:
+            print(f"| {row['order']} | {row['nll_nats_per_token']:.3f} |")
     print("\n| search (uniform prior, 4 ordered tokens) | decoded images | mean log p(target) | target hit rate |\n|---|---|---|---|")
     for row in search:
         print(f"| {row['method']} | {row['decoded_images']} | {row['mean_verifier_log_prob']:.2f} | {row['target_class_hit_rate']:.2f} |")
