@@ -8,6 +8,7 @@ import sys
 # module path -> provides `add_parser(subparsers)`; a subcommand whose module is absent is skipped.
 SUBCOMMAND_MODULES = [
     "tokenomy.vlm.cli",
+    "tokenomy.eval.cli",
     "tokenomy.generation.cli",
 ]
 

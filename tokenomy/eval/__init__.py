@@ -1,0 +1,27 @@
+"""Batch evaluation: `tokenomy eval` and `tokenomy report`.
+
+    tokenomy eval --model tiny-llava --reducer none,random,fastv --keep 192,64 --tasks pope,mme \\
+        --data-dir D --batch_size 4 --output_path O --log_samples [--resume] [--on-error skip|fail]
+    torchrun --nproc_per_node 4 -m tokenomy.cli eval ...          # data-parallel: ranks shard, rank 0 merges
+    tokenomy report O                                             # markdown table + one PNG per task
+
+Tasks (`--tasks list`) read local files under `D/<task folder>/` (or `D` itself) in the layout the benchmark is
+distributed in, or as lmms-eval rows (*.parquet, *.jsonl, a `datasets` save_to_disk folder); a missing file is
+an error that says what was expected where. Scoring follows the reference evaluators (ecosystem spec §2):
+VQA soft accuracy with EvalAI normalisation, GQA exact match, POPE with LLaVA parsing, MME acc + acc+, ScienceQA
+letter rules, MMBench CircularEval with static extraction, SEED first letter, Video-MME letter regex.
+
+Outputs under `O/<model>/`: `<stamp>_results.json` (per task, reducer and keep: metrics, an efficiency block, sample
+counts, errors) rewritten after every combination, and with --log_samples `<stamp>_samples_<task>.jsonl`, one
+line per sample. `--resume` continues the newest unfinished run with the same arguments; finished chunks of
+samples are never re-run and never counted twice, even after SIGKILL.
+
+Bad samples (missing or unreadable image, empty answers, malformed line): with `--on-error skip` (default) each
+is reported on stderr and listed in the results with its id, and everything else is evaluated; with `fail` the
+run stops at the first one, naming it.
+
+Efficiency block: visual tokens in and kept, layer-averaged retention, prefill FLOPs (FastV convention, the
+formula is written into the results), prefill ms and decode ms per token (per batch, warm-up excluded;
+CUDA-synchronised on GPU, perf_counter on CPU), end-to-end ms, peak memory (CUDA max allocated, or process peak
+RSS on CPU).
+"""

@@ -1,0 +1,91 @@
+"""Every documented bad input raises the package's own error, naming the culprit."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import tokenomy
+from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
+from tests.conftest import random_images
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return tokenomy.load("tiny-llava", "random", keep=4)
+
+
+def test_missing_and_truncated_image_files(pipeline, tmp_path):
+    with pytest.raises(InputError, match="not found: .*missing.png"):
+        pipeline.generate([str(tmp_path / "missing.png")], ["x"])
+    good = tmp_path / "good.png"
+    random_images(1)[0].save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(InputError, match="truncated.png"):
+        pipeline.generate([str(truncated)], ["x"])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_text("not an image")
+    with pytest.raises(InputError, match="garbage.jpg"):
+        pipeline.generate([str(garbage)], ["x"])
+
+
+def test_placeholder_count_must_match_images(pipeline):
+    two = random_images(2)
+    with pytest.raises(InputError, match="prompt 0 has 1 '<image>' placeholders but 2 images"):
+        pipeline.generate([two], ["<image> compare"])
+    with pytest.raises(InputError, match="2 prompts but 1 image"):
+        pipeline.generate([two[0]], ["a", "b"])
+
+
+def test_multiple_images_per_prompt_in_placeholder_order(pipeline):
+    two = random_images(2)
+    (generation,) = pipeline.generate([two], ["<image> left, <image> right: same?"], max_new_tokens=2)
+    assert generation.stats["visual_tokens_in"] == 98
+    assert len(generation.stats["kept_indices"]) == 2
+
+
+@pytest.mark.parametrize("keep", [0, -3, 2.5, "8"])
+def test_keep_must_be_a_positive_integer(keep):
+    with pytest.raises(InputError, match="keep must be"):
+        tokenomy.load("tiny-llava", "vtc-cls", keep=keep)
+
+
+def test_unknown_reducer_and_model_list_known_names():
+    with pytest.raises(UnknownNameError, match="known reducers: .*fastv.*random.*vtc-cls"):
+        tokenomy.load("tiny-llava", "fastv2")
+    with pytest.raises(UnknownNameError, match="known models: tiny-llava, tiny-llava-next, tiny-qwen2-vl"):
+        tokenomy.load("tiny-lava")
+    assert set(tokenomy.reducers.available()) >= {"none", "random", "vtc-cls", "fastv"}
+
+
+def test_folder_that_is_not_a_supported_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        tokenomy.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ModelLoadError, match="LlamaForCausalLM.*supported"):
+        tokenomy.load(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        tokenomy.load(str(tmp_path / "nothing" / "here"))
+
+
+def test_cls_reducer_on_a_vit_without_cls_is_refused_clearly():
+    pipeline = tokenomy.load("tiny-qwen2-vl", "vtc-cls", keep=4)
+    with pytest.raises(InputError, match="QwenViTEncoder has no CLS token"):
+        pipeline.generate(random_images(1), ["x"])
+
+
+def test_cli_generate_and_errors(tmp_path):
+    image = tmp_path / "image.png"
+    random_images(1)[0].save(image)
+    command = [sys.executable, "-m", "tokenomy.cli"]
+    assert "generate" in subprocess.run(command + ["--help"], capture_output=True, text=True).stdout
+    done = subprocess.run(command + ["generate", "--model", "tiny-llava", "--image", str(image), "--prompt", "What?",
+                                     "--reducer", "vtc-cls", "--keep", "8", "--max-new-tokens", "3", "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["stats"]["visual_tokens_kept"] == 8 and result["stats"]["visual_tokens_in"] == 49
+    failed = subprocess.run(command + ["generate", "--model", "tiny-llava", "--image", str(tmp_path / "no.png"), "--prompt", "x"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "no.png" in failed.stderr

@@ -1,0 +1,114 @@
+"""`tokenomy eval` (lmms-eval style flags) and `tokenomy report`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenomy.errors import InputError
+
+
+def parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_kv(text: str | None) -> dict:
+    """`k=v,k2=v2` -> {k: v, k2: v2} with ints, floats and booleans converted."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise InputError(f"expected key=value, got {item!r} in {text!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def parse_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def parse_limit(text: str | None):
+    if text is None:
+        return None
+    value = float(text)
+    return int(value) if value >= 1 else value
+
+
+def add_parser(subparsers) -> None:
+    ev = subparsers.add_parser("eval", help="evaluate reducers on VQA benchmarks (accuracy + efficiency)",
+                               description="Batch evaluation over tasks x reducers x keeps. Results go to "
+                                           "OUTPUT_PATH/<model>/<timestamp>_results.json.")
+    ev.add_argument("--model", help="built-in name (e.g. tiny-llava) or a local Hugging Face folder")
+    ev.add_argument("--model_args", "--model-args", default="", help="k=v,... passed to tokenomy.load (dtype=, device=, position_policy=)")
+    ev.add_argument("--reducer", "--reducers", default="none", help="comma list of reducers; every reducer x keep runs")
+    ev.add_argument("--reducer_args", "--reducer-args", "--method-args", default="",
+                    help="k=v,... for every reducer but none; NAME.k=v for reducer NAME only (e.g. fastv.layer=3)")
+    ev.add_argument("--keep", "--keeps", default="", help="comma list of visual-token budgets entering the LLM")
+    ev.add_argument("--tasks", required=True, help="comma list of tasks, or 'list' to print them")
+    ev.add_argument("--data-dir", "--data_dir", dest="data_dir", help="local folder holding each task's files")
+    ev.add_argument("--batch_size", "--batch-size", type=int, default=1)
+    ev.add_argument("--limit", default=None, help="first N samples per task (or a fraction in (0, 1))")
+    ev.add_argument("--output_path", "--output-path", default="eval_results")
+    ev.add_argument("--log_samples", "--log-samples", action="store_true", help="keep <timestamp>_samples_<task>.jsonl")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--resume", action="store_true", help="continue the newest unfinished run with the same arguments")
+    ev.add_argument("--on-error", "--on_error", dest="on_error", choices=("skip", "fail"), default="skip",
+                    help="bad sample (missing image, empty answers, malformed line): skip = report its id and go on; "
+                         "fail = stop at once naming it (finished samples stay on disk for --resume)")
+    ev.add_argument("--gen_kwargs", "--gen-kwargs", default="", help="k=v,... for generate (e.g. max_new_tokens=16)")
+    ev.add_argument("--video_frames", "--video-frames", type=int, default=8, help="frames sampled per video")
+    ev.set_defaults(func=run_eval_command)
+
+    rep = subparsers.add_parser("report", help="markdown table and plots from eval results",
+                                description="Print a markdown table of every results file under OUTPUT and write "
+                                            "an accuracy-vs-kept-tokens PNG per task next to it.")
+    rep.add_argument("output", help="the --output_path of one or more eval runs")
+    rep.set_defaults(func=run_report_command)
+
+
+def run_eval_command(args) -> int:
+    from tokenomy.eval import tasks as task_registry
+
+    if args.tasks.strip() == "list":
+        for name in task_registry.available():
+            task = task_registry.get(name)
+            note = "  [needs an LLM judge API; skipped]" if task.requires_judge else ""
+            print(f"{name:16s} {task.description}{note}")
+        return 0
+    if not args.model or not args.data_dir:
+        raise InputError("tokenomy eval needs --model and --data-dir (and --tasks)")
+    from tokenomy.eval.runner import EvalConfig, run_eval
+
+    try:
+        keeps = [int(k) for k in parse_list(args.keep)]
+    except ValueError as exc:
+        raise InputError(f"--keep takes comma-separated integers, got {args.keep!r}") from exc
+    config = EvalConfig(
+        model=args.model, tasks=parse_list(args.tasks), data_dir=args.data_dir, output_path=args.output_path,
+        reducers=parse_list(args.reducer), keeps=keeps, model_args=parse_kv(args.model_args),
+        reducer_args=parse_kv(args.reducer_args), batch_size=args.batch_size, limit=parse_limit(args.limit),
+        log_samples=args.log_samples, seed=args.seed, resume=args.resume, on_error=args.on_error, gen_kwargs=parse_kv(args.gen_kwargs), video_frames=args.video_frames,
+    )
+    path = run_eval(config)
+    print(f"results: {path}")
+    return 0
+
+
+def run_report_command(args) -> int:
+    from tokenomy.eval.report import report
+
+    table, plots = report(Path(args.output))
+    print(table)
+    for path in plots:
+        print(f"plot: {path}")
+    return 0

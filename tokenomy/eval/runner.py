@@ -1,0 +1,355 @@
+"""`tokenomy eval`: every task x reducer x keep, scored by the reference rules, with an efficiency block.
+
+Read top to bottom: `run_eval` opens (or resumes) a run, `_run_task` loads a task's docs once and walks the
+reducer x keep sweep, `_run_combo` evaluates this rank's pending samples chunk by chunk, journaling each chunk,
+and rank 0 merges the gathered records into the samples file and recomputes that combination's metrics from
+all of its records (so a resumed or multi-process run aggregates exactly like a single uninterrupted one).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tokenomy.errors import InputError, TokenomyError, UnknownNameError
+from tokenomy.eval import tasks as task_registry
+from tokenomy.eval.distributed import Group
+from tokenomy.eval.efficiency import FLOPS_FORMULA, Timer, aggregate_efficiency, peak_memory, reset_peak_memory, sample_efficiency
+from tokenomy.eval.store import RunStore, record_key
+from tokenomy.eval.tasks.base import Task
+
+ON_ERROR_POLICIES = ("skip", "fail")
+NO_REDUCTION = "none"
+
+
+@dataclass
+class EvalConfig:
+    """Everything that determines the numbers of a run (resume refuses a run started with different values)."""
+
+    model: str
+    tasks: list[str]
+    data_dir: str
+    output_path: str
+    reducers: list[str] = field(default_factory=lambda: [NO_REDUCTION])
+    keeps: list[int] = field(default_factory=list)
+    model_args: dict = field(default_factory=dict)
+    reducer_args: dict = field(default_factory=dict)
+    batch_size: int = 1
+    limit: float | None = None
+    log_samples: bool = False
+    seed: int = 0
+    resume: bool = False
+    on_error: str = "skip"
+    gen_kwargs: dict = field(default_factory=dict)
+    video_frames: int = 8
+
+    def identity(self) -> dict:
+        data = asdict(self)
+        for volatile in ("resume", "output_path"):
+            data.pop(volatile)
+        data["data_dir"] = str(Path(self.data_dir).resolve())
+        return json.loads(json.dumps(data))
+
+    def combos(self) -> list[tuple[str, int | None]]:
+        """Reducer x keep; the unpruned `none` baseline runs once whatever the keeps."""
+        out = []
+        for reducer in self.reducers:
+            for keep in [None] if reducer == NO_REDUCTION else self.keeps:
+                if (reducer, keep) not in out:
+                    out.append((reducer, keep))
+        return out
+
+
+def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
+    """`--reducer_args`: `key=v` goes to every reducer except `none`, `name.key=v` only to reducer `name`."""
+    if reducer == NO_REDUCTION:
+        return {}
+    options = {k: v for k, v in config.reducer_args.items() if "." not in k}
+    prefix = reducer + "."
+    options.update({k[len(prefix):]: v for k, v in config.reducer_args.items() if k.startswith(prefix)})
+    return {**options, "keep": keep}
+
+
+def keep_label(keep: int | None) -> str:
+    return "all" if keep is None else str(keep)
+
+
+def sanitize_model_name(model: str) -> str:
+    return model.strip().lstrip("./").rstrip("/").replace("/", "__") or "model"
+
+
+def apply_limit(docs: list, limit: float | None) -> list:
+    if limit is None:
+        return docs
+    count = math.ceil(limit * len(docs)) if 0 < limit < 1 else int(limit)
+    return docs[:count]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def report_problem(message: str) -> None:
+    tqdm.write(f"tokenomy eval: {message}", file=sys.stderr)
+
+
+def run_eval(config: EvalConfig) -> Path:
+    """Run (or resume) an evaluation; returns the results file."""
+    _check_config(config)
+    group = Group()
+    try:
+        return _run(config, group)
+    finally:
+        group.close()
+
+
+class Pipelines:
+    """The model is built once per run; every reducer x keep gets its own Pipeline over the same weights."""
+
+    def __init__(self, config: EvalConfig, group: Group):
+        self.config = config
+        self.model_args = dict(config.model_args)
+        self.device = self.model_args.pop("device", None) or group.default_device()
+        self.first = None
+
+    def get(self, reducer: str, keep: int | None):
+        options = reducer_options(self.config, reducer, keep)
+        if self.first is None:
+            from tokenomy import load
+
+            self.first = load(self.config.model, reducer=reducer, device=self.device, **self.model_args, **options)
+            return self.first
+        from tokenomy.reducers import create
+
+        return type(self.first)(self.first.model, self.first.processor, create(reducer, **options), name=self.first.name,
+                                position_policy=self.model_args.get("position_policy"))
+
+
+def _check_config(config: EvalConfig) -> None:
+    if config.on_error not in ON_ERROR_POLICIES:
+        raise InputError(f"--on-error must be one of {', '.join(ON_ERROR_POLICIES)}, got {config.on_error!r}")
+    for name in config.tasks:
+        task_registry.get(name)
+    from tokenomy.reducers import available as available_reducers
+
+    unknown = [r for r in config.reducers if r not in available_reducers()]
+    if unknown:  # before any data is read or model built
+        raise UnknownNameError("reducer", unknown[0], available_reducers())
+    if any(r != NO_REDUCTION for r in config.reducers) and not config.keeps:
+        raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64")
+    if config.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {config.batch_size}")
+    if not Path(config.data_dir).exists():
+        raise InputError(f"--data-dir {config.data_dir} does not exist")
+
+
+def _open_run(config: EvalConfig, folder: Path) -> tuple[str, dict]:
+    if config.resume:
+        found = RunStore.latest_incomplete(folder)
+        if found is not None:
+            stamp, results = found
+            previous = results.get("config", {})
+            differences = sorted(k for k in set(previous) | set(config.identity()) if previous.get(k) != config.identity().get(k))
+            if differences:
+                raise InputError(f"--resume: the unfinished run {stamp} in {folder} used different {', '.join(differences)}; "
+                                 "repeat its arguments or start a new run without --resume")
+            print(f"tokenomy eval: resuming run {stamp} in {folder}", file=sys.stderr)
+            return stamp, results
+        print(f"tokenomy eval: --resume found no unfinished run in {folder}; starting a new one", file=sys.stderr)
+    import transformers
+
+    from tokenomy import __version__
+
+    results = {
+        "results": {},
+        "config": config.identity(),
+        "task_configs": {},
+        "skipped_tasks": {},
+        "flops_formula": FLOPS_FORMULA,
+        "versions": {"tokenomy": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+    }
+    return RunStore.new_stamp(folder), results
+
+
+def _run(config: EvalConfig, group: Group) -> Path:
+    folder = Path(config.output_path) / sanitize_model_name(config.model)
+    opened: tuple | str = ""
+    if group.is_main:
+        try:
+            opened = _open_run(config, folder)
+        except TokenomyError as exc:
+            opened = str(exc)
+    opened = group.broadcast(opened)
+    if isinstance(opened, str):
+        raise InputError(opened)
+    stamp, results = opened
+    store = RunStore(folder, stamp)
+    pipelines = Pipelines(config, group)
+    results.update(world_size=group.world, device=str(config.model_args.get("device") or group.default_device()))
+    if group.is_main:
+        store.write_results(results)
+    for name in config.tasks:
+        task = task_registry.get(name)
+        if task.requires_judge:
+            results["skipped_tasks"][name] = "needs an LLM judge API (not configured); static scoring: use 'mmbench'"
+            if group.is_main:
+                report_problem(f"skipping task {name}: {results['skipped_tasks'][name]}")
+            continue
+        if hasattr(task, "n_frames"):
+            task.n_frames = config.video_frames
+        _run_task(config, task, pipelines, group, store, results)
+    if group.is_main:
+        results["complete"] = True
+        store.write_results(results)
+        if not config.log_samples:
+            for name in config.tasks:
+                store.remove_samples(name)
+    group.barrier()
+    return store.results_path
+
+
+def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group, store: RunStore, results: dict) -> None:
+    loaded = task.load(Path(config.data_dir))
+    docs = apply_limit(loaded.docs, config.limit)
+    load_errors = [{"id": e.id, "message": e.message, "source": e.source} for e in loaded.errors]
+    if loaded.errors:
+        if config.on_error == "fail":
+            raise InputError(f"task {task.name}: {len(loaded.errors)} bad sample(s): " + "; ".join(map(str, loaded.errors[:5])))
+        if group.is_main:
+            for error in loaded.errors:
+                report_problem(f"{task.name}: skipped {error}")
+    if not docs:
+        raise InputError(f"task {task.name}: no usable samples in {config.data_dir}")
+    results["task_configs"][task.name] = task.config()
+    if group.is_main:
+        store.consolidate(task.name)
+    group.barrier()
+    finished = store.finished_records(task.name)
+    changed = [r["id"] for r in finished if r["doc_index"] >= len(docs) or docs[r["doc_index"]]["id"] != r["id"]]
+    if changed:
+        raise InputError(f"--resume: the {task.name} data changed since the run started (sample {changed[0]} moved "
+                         "or vanished); start a new run")
+    done_keys = {record_key(r) for r in finished}
+    for reducer, keep in config.combos():
+        pending = [i for i in group.shard(list(range(len(docs)))) if (reducer, keep, i) not in done_keys]
+        new_records = _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, store)
+        gathered = group.gather(new_records)
+        if group.is_main:
+            merged = sorted((r for part in gathered for r in part), key=lambda r: r["doc_index"])
+            store.commit(task.name, merged)
+        group.barrier()
+        store.clear_journal(task.name, group.rank)
+        if group.is_main:
+            records = [r for r in finished if (r["reducer"], r["keep"]) == (reducer, keep)] + merged
+            summary = summarize(task, records, load_errors, len(docs))
+            results["results"].setdefault(task.name, {}).setdefault(reducer, {})[keep_label(keep)] = summary
+            store.write_results(results)
+
+
+def summarize(task: Task, records: list[dict], load_errors: list[dict], n_docs: int) -> dict:
+    scored = sorted((r for r in records if "error" not in r), key=lambda r: r["doc_index"])
+    failed = sorted((r for r in records if "error" in r), key=lambda r: r["doc_index"])
+    return {
+        "metrics": task.aggregate(scored),
+        "efficiency": aggregate_efficiency(scored),
+        "n-samples": {"selected": n_docs, "scored": len(scored), "skipped": len(failed) + len(load_errors)},
+        "errors": load_errors + [{"id": r["id"], "message": r["error"]} for r in failed],
+    }
+
+
+def _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, store) -> list[dict]:
+    if not pending:
+        return []
+    pipeline = pipelines.get(reducer, keep)
+    gen_kwargs = {"max_new_tokens": task.max_new_tokens, "do_sample": False, **config.gen_kwargs}
+    chunks = [pending[i:i + config.batch_size] for i in range(0, len(pending), config.batch_size)]
+    _warm_up(task, docs, chunks[0], pipeline, gen_kwargs)
+    reset_peak_memory(pipeline.device)
+    records = []
+    bar = tqdm(total=len(pending), desc=f"{task.name} {reducer}@{keep_label(keep)}", unit="sample",
+               disable=not group.is_main, dynamic_ncols=True)
+    for chunk in chunks:
+        # Seeded by the chunk's first sample, so a resumed or sharded run draws what the full run drew.
+        seed_everything(config.seed * 1_000_003 + chunk[0])
+        chunk_records = _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs)
+        store.journal(task.name, group.rank, chunk_records)
+        records += chunk_records
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+def _warm_up(task, docs, chunk, pipeline, gen_kwargs) -> None:
+    """One untimed call so that lazy initialisation and kernel selection stay out of the measurements."""
+    try:
+        pipeline.generate([task.media(docs[chunk[0]])], [task.prompt(docs[chunk[0]])], **{**gen_kwargs, "max_new_tokens": 2})
+    except (TokenomyError, OSError):
+        pass  # a bad first sample is reported when its chunk runs
+
+
+def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -> list[dict]:
+    base = lambda i: {"reducer": reducer, "keep": keep, "doc_index": i, "id": docs[i]["id"],
+                      "chunk_start": chunk[0], "chunk_len": len(chunk)}
+    records, ready = [], []
+    for i in chunk:
+        try:
+            ready.append((i, task.prompt(docs[i]), task.media(docs[i])))
+        except (TokenomyError, OSError) as exc:
+            records.append({**base(i), "error": _fail_or_describe(config, task, docs[i], exc)})
+    batches = [ready] if ready else []
+    while batches:
+        batch = batches.pop(0)
+        try:
+            with Timer(pipeline.device) as timer:
+                generations = pipeline.generate([m for _, _, m in batch], [p for _, p, _ in batch], **gen_kwargs)
+        except TokenomyError as exc:
+            if len(batch) > 1 and config.on_error == "skip":
+                batches = [[item] for item in batch] + batches  # isolate the culprit, keep the others
+            else:
+                records.append({**base(batch[0][0]), "error": _fail_or_describe(config, task, docs[batch[0][0]], exc)})
+            continue
+        records += _sample_records(task, docs, batch, generations, timer.ms, pipeline, base, config.log_samples)
+    return sorted(records, key=lambda r: r["doc_index"])
+
+
+def _fail_or_describe(config, task, doc, exc) -> str:
+    message = f"{type(exc).__name__}: {exc}"
+    if config.on_error == "fail":
+        raise InputError(f"task {task.name}: sample {doc['id']}: {message} (use --on-error skip to skip bad samples)") from exc
+    report_problem(f"{task.name}: skipped sample {doc['id']}: {message}")
+    return message
+
+
+def _sample_records(task, docs, batch, generations, e2e_ms, pipeline, base, log_kept_indices) -> list[dict]:
+    stats0 = generations[0].stats
+    peak_mb, peak_kind = peak_memory(pipeline.device)
+    batch_fields = {
+        "batch_size": len(batch),
+        "batch_prefill_ms": float(stats0["prefill_ms"]),
+        "batch_decode_ms": float(stats0["decode_ms"]),
+        # the first new token comes out of prefill; every further token is one decode step
+        "batch_decode_steps": max(max(int(g.stats.get("new_tokens", len(g.token_ids))) for g in generations) - 1, 0),
+        "batch_e2e_ms": e2e_ms,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": peak_kind,
+    }
+    out = []
+    for (i, prompt, _), generation in zip(batch, generations):
+        record = {**base(i), "prompt": prompt, "prediction": generation.text, "target": task.target(docs[i]),
+                  **task.score(docs[i], generation.text), **sample_efficiency(generation.stats, pipeline.text_config),
+                  **batch_fields}
+        if log_kept_indices and "kept_indices" in generation.stats:
+            record["kept_indices"] = generation.stats["kept_indices"]
+        out.append(record)
+    return out

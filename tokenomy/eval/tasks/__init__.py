@@ -1,0 +1,27 @@
+"""Task registry: `get(name)` returns a fresh task object, `available()` lists the names."""
+from __future__ import annotations
+
+from tokenomy.errors import UnknownNameError
+from tokenomy.eval.tasks.base import LoadResult, Task
+from tokenomy.eval.tasks.gqa import GQA
+from tokenomy.eval.tasks.mme import MME
+from tokenomy.eval.tasks.multiple_choice import MMBench, MMBenchJudge, ScienceQAImg, SEEDBenchImage
+from tokenomy.eval.tasks.pope import POPE, POPEStrict
+from tokenomy.eval.tasks.videomme import VideoMME
+from tokenomy.eval.tasks.vqa import TextVQA, TextVQANoOCR, VizWiz, VQAJsonl, VQAv2
+
+_TASKS = {cls.name: cls for cls in (VQAv2, TextVQA, TextVQANoOCR, VizWiz, GQA, POPE, POPEStrict, MME, ScienceQAImg,
+                                      MMBench, MMBenchJudge, SEEDBenchImage, VideoMME, VQAJsonl)}
+
+
+def available() -> list[str]:
+    return list(_TASKS)
+
+
+def get(name: str) -> Task:
+    if name not in _TASKS:
+        raise UnknownNameError("task", name, _TASKS)
+    return _TASKS[name]()
+
+
+__all__ = ["LoadResult", "Task", "available", "get"]

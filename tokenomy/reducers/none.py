@@ -1,0 +1,16 @@
+"""The identity reducer: every visual token reaches the LLM (the unpruned baseline)."""
+from tokenomy.reducers.base import Reducer, Selection
+from tokenomy.reducers.registry import register
+
+
+@register("none")
+class NoReduction(Reducer):
+    def __init__(self, keep=None):
+        # keep is accepted so sweeps can pass one value to every reducer; the baseline ignores it.
+        super().__init__(keep=keep)
+
+    def budget(self, image):
+        return image.num_tokens
+
+    def select(self, image):
+        return Selection.keep_all(image)

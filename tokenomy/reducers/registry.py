@@ -1,0 +1,47 @@
+"""Reducer registry: `available()`, `create(name, **kwargs)`, and the `register` decorator."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+
+from tokenomy.errors import InputError, UnknownNameError
+
+_REGISTRY: dict = {}
+
+
+def register(name: str):
+    def decorate(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _discover() -> None:
+    """Import every module of tokenomy.reducers, so a new reducer file registers itself without edits elsewhere."""
+    import tokenomy.reducers as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in ("base", "registry"):
+            importlib.import_module(f"tokenomy.reducers.{info.name}")
+
+
+def available() -> list:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **kwargs):
+    _discover()
+    if name not in _REGISTRY:
+        raise UnknownNameError("reducer", name, _REGISTRY)
+    cls = _REGISTRY[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            options = sorted(p for p in accepted if p != "self")
+            raise InputError(f"reducer {name!r} got unknown option(s) {unknown}; it accepts {options}")
+    return cls(**kwargs)

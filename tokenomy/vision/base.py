@@ -1,0 +1,197 @@
+"""One interface over vision encoders: run layer by layer, hook between layers, compute only requested signals.
+
+Signals are attention *rows* (CLS -> patches, mean query -> patches) and head-averaged value vectors, computed from
+the layer's own q/k/v projections (reducers.md §0.2). The encoder's attention itself keeps running through SDPA or
+FlashAttention; no full attention map is ever built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from tokenomy.errors import InputError
+
+# Signal names, shared by encoders and reducers.
+CLS_ATTENTION = "cls_attention"  # [B, N] head-averaged softmax row of the CLS query over all tokens, patch part
+MEAN_QUERY_ATTENTION = "mean_query_attention"  # [B, N] same with the mean of all queries as the query
+VALUES = "values"  # [B, N, head_dim] head-averaged value vectors of the patches
+CLS_VALUE_SIMILARITY = "cls_value_similarity"  # [B, N] head-averaged softmax(v_cls . v_j) row (FlowCut), patch part
+SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY)
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """Which signals a reducer needs, by encoder layer index (0-based; negative counts from the end)."""
+
+    layers: dict = field(default_factory=dict)  # signal name -> tuple of layer indices
+
+    @staticmethod
+    def of(**by_signal) -> "SignalRequest":
+        unknown = set(by_signal) - set(SIGNAL_NAMES)
+        if unknown:
+            raise InputError(f"unknown vision signal(s) {sorted(unknown)}; known: {list(SIGNAL_NAMES)}")
+        return SignalRequest({name: tuple(layers) for name, layers in by_signal.items() if layers})
+
+    def merged(self, other: "SignalRequest") -> "SignalRequest":
+        names = set(self.layers) | set(other.layers)
+        return SignalRequest({n: tuple(sorted(set(self.layers.get(n, ())) | set(other.layers.get(n, ())))) for n in names})
+
+    def resolve(self, num_layers: int) -> dict:
+        """Signal name -> set of non-negative layer indices."""
+        out = {}
+        for name, layers in self.layers.items():
+            resolved = set()
+            for layer in layers:
+                index = layer + num_layers if layer < 0 else layer
+                if not 0 <= index < num_layers:
+                    raise InputError(f"signal {name!r} asked for encoder layer {layer}, but the encoder has {num_layers} layers")
+                resolved.add(index)
+            out[name] = resolved
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+
+@dataclass
+class EncoderState:
+    """What a between-layer hook sees after encoder layer `layer` ran.
+
+    `hidden` holds the layer output including the CLS token at index 0 when the encoder has one. `patch_index`
+    [B, N] gives, for each current patch token, its index among the original patches, so a hook that drops or merges
+    tokens keeps positions traceable. `signals` holds this layer's requested signals (computed on its input).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    patch_index: torch.Tensor
+    signals: dict
+
+
+LayerHook = Callable[[EncoderState], Optional[EncoderState]]
+
+
+@dataclass
+class VisionOutput:
+    """Patch tokens of the feature layer and the signals asked for.
+
+    tokens: [B, N, D] patch tokens (CLS removed); cls: [B, D] or None; grid: [N, 3] (t, h, w) of each patch in the
+    original grid (after hooks, the grid rows of the surviving patches, per sample: [B, N, 3]); signals: name ->
+    {layer: tensor}; patch_index: [B, N] original index of each returned patch.
+    """
+
+    tokens: torch.Tensor
+    cls: Optional[torch.Tensor]
+    grid: torch.Tensor
+    patch_index: torch.Tensor
+    signals: dict
+
+
+def grid_positions(t: int, h: int, w: int, device=None) -> torch.Tensor:
+    """(t, h, w) coordinates of a raster-ordered t*h*w grid, shape [t*h*w, 3]."""
+    tt, hh, ww = torch.meshgrid(
+        torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+    )
+    return torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)], dim=-1)
+
+
+def attention_row(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-averaged softmax(query . keys^T * scale) in fp32.
+
+    query: [B, H, D] (one query per head), keys: [B, H, T, D] -> [B, T]. Cost O(B*H*T*D): one row, never a map.
+    """
+    logits = torch.einsum("bhd,bhtd->bht", query.float(), keys.float()) * scale
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+class VisionEncoder:
+    """Base of the encoder wrappers. Subclasses implement `_embed`, `_layers`, `_qkv` and `_run_layer`."""
+
+    has_cls: bool = True
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers())
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels -> the input of layer 0, [B, T, D] (CLS first when `has_cls`)."""
+        raise NotImplementedError
+
+    def _layers(self):
+        raise NotImplementedError
+
+    def _qkv(self, layer_index: int, hidden: torch.Tensor):
+        """The layer's q, k, v as [B, H, T, d] exactly as its attention sees them, and the logit scale."""
+        raise NotImplementedError
+
+    def _run_layer(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self._layers()[layer_index](hidden)
+
+    def _patch_grid(self, pixel_values: torch.Tensor) -> tuple:
+        """(t, h, w) of the patch grid for these pixels."""
+        raise NotImplementedError
+
+    def _finish(self, hidden: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        """Post-processing applied to the feature layer's output (e.g. a final norm when the last layer is used)."""
+        return hidden
+
+    def _signals(self, layer_index: int, hidden: torch.Tensor, wanted: set) -> dict:
+        q, k, v, scale = self._qkv(layer_index, hidden)
+        first = 1 if self.has_cls else 0
+        out = {}
+        if CLS_ATTENTION in wanted:
+            if not self.has_cls:
+                raise InputError(f"{type(self).__name__} has no CLS token; ask for {MEAN_QUERY_ATTENTION!r} instead")
+            out[CLS_ATTENTION] = attention_row(q[:, :, 0], k, scale)[:, first:]
+        if CLS_VALUE_SIMILARITY in wanted:
+            if not self.has_cls:
+                raise InputError(f"{type(self).__name__} has no CLS token for {CLS_VALUE_SIMILARITY!r}")
+            out[CLS_VALUE_SIMILARITY] = attention_row(v[:, :, 0], v, 1.0)[:, first:]
+        if MEAN_QUERY_ATTENTION in wanted:
+            out[MEAN_QUERY_ATTENTION] = attention_row(q.mean(dim=2), k, scale)[:, first:]
+        if VALUES in wanted:
+            out[VALUES] = v[:, :, first:].float().mean(dim=1)
+        return out
+
+    @torch.no_grad()
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        feature_layer: int = -1,
+        request: SignalRequest = SignalRequest(),
+        hooks: tuple = (),
+    ) -> VisionOutput:
+        """Run layers 0..feature_layer and return that layer's output patches plus the requested signals."""
+        num_layers = self.num_layers
+        last = feature_layer + num_layers if feature_layer < 0 else feature_layer
+        if not 0 <= last < num_layers:
+            raise InputError(f"feature_layer {feature_layer} is outside the encoder's {num_layers} layers")
+        wanted_by_layer = request.resolve(num_layers)
+        hidden = self._embed(pixel_values)
+        batch = hidden.shape[0]
+        t, h, w = self._patch_grid(pixel_values)
+        grid = grid_positions(t, h, w, device=hidden.device)
+        patch_index = torch.arange(t * h * w, device=hidden.device).expand(batch, -1)
+        signals = {name: {} for name in wanted_by_layer}
+        for index in range(last + 1):
+            wanted = {name for name, layers in wanted_by_layer.items() if index in layers}
+            layer_signals = self._signals(index, hidden, wanted) if wanted else {}
+            for name, value in layer_signals.items():
+                signals[name][index] = value
+            hidden = self._run_layer(index, hidden)
+            for hook in hooks:
+                state = hook(EncoderState(index, hidden, patch_index, layer_signals))
+                if state is not None:
+                    hidden, patch_index = state.hidden, state.patch_index
+        hidden = self._finish(hidden, last)
+        first = 1 if self.has_cls else 0
+        pruned = patch_index.shape[1] != t * h * w
+        return VisionOutput(
+            tokens=hidden[:, first:],
+            cls=hidden[:, 0] if self.has_cls else None,
+            grid=grid[patch_index] if pruned else grid,
+            patch_index=patch_index,
+            signals=signals,
+        )
