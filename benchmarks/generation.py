@@ -55,6 +55,23 @@ def reconstruction_table(images: torch.Tensor, train_images: torch.Tensor, flow_
     return rows
 
 
+def merging_table(images: torch.Tensor, flow_steps: int, ratios=(0.0, 0.25, 0.45)) -> list[dict]:
+    """Token merging (ToMe-SD through tokenomy.kernels) in the ordered tokenizer's flow decoder, all 16 tokens."""
+    flextok = load_tokenizer(ASSETS / "flextok")
+    ids = flextok.encode(images)
+    noise = torch.randn(images.shape[0], *flextok.noise_shape, generator=torch.Generator().manual_seed(0))
+    rows, unmerged = [], None
+    for ratio in ratios:
+        start = time.perf_counter()
+        recon = flextok.decode(ids, steps=flow_steps, noise=noise, merge_ratio=ratio)
+        elapsed = time.perf_counter() - start
+        unmerged = recon if unmerged is None else unmerged
+        rows.append({"merge_ratio": ratio, "merged_patch_tokens_per_block": int(ratio * flextok.grid[0] * flextok.grid[1]),
+                     "patch_tokens": flextok.grid[0] * flextok.grid[1], "decode_s": elapsed,
+                     "psnr_vs_original_db": psnr(recon, images).mean().item(), "psnr_vs_unmerged_db": psnr(recon, unmerged).mean().item()})
+    return rows
+
+
 def decoding_table(num_images: int, settings: list[str], cfg: float, seed: int) -> tuple[list[dict], dict]:
     """settings: "STEPS" or "STEPS@SEED_OFFSET" (a second seed of one setting shows run-to-run noise)."""
     generator_model = load_generator(ASSETS / "randar")
@@ -146,17 +163,19 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=2.0)
     parser.add_argument("--flow-steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", default="recon,decoding,likelihood,search", help="comma-separated sections to run")
+    parser.add_argument("--parts", default="recon,merge,decoding,likelihood,search", help="comma-separated sections to run")
     parser.add_argument("--out", default="benchmarks/generation.json")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     parts = set(args.parts.split(","))
-    recon = decoding = likelihood = search = []
+    recon = decoding = likelihood = search = merging = []
     floor = {}
     if "recon" in parts:
         held_out, _ = shapes_batch(args.recon_images, 32, torch.Generator().manual_seed(123))
         train_like, _ = shapes_batch(1024, 32, torch.Generator().manual_seed(321))
         recon = reconstruction_table(held_out, train_like, args.flow_steps)
+    if "merge" in parts:
+        merging = merging_table(shapes_batch(args.recon_images, 32, torch.Generator().manual_seed(123))[0], args.flow_steps)
     if "decoding" in parts:
         decoding, floor = decoding_table(args.num_images, args.steps.split(","), args.cfg, args.seed)
     if "likelihood" in parts:
@@ -165,7 +184,7 @@ def main() -> None:
         search = search_table(list(range(16)), 8, args.seed)
     report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args), "reconstruction": recon,
-              "decoding": decoding, "quality_floor": floor, "likelihood": likelihood, "search": search}
+              "decoding": decoding, "quality_floor": floor, "likelihood": likelihood, "search": search, "merging": merging}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("| tokenizer | tokens | PSNR (dB) |\n|---|---|---|")
     for row in recon:
@@ -181,6 +200,10 @@ def main() -> None:
         print("\n| RandAR order | held-out NLL (nats/token) |\n|---|---|")
         for row in likelihood:
             print(f"| {row['order']} | {row['nll_nats_per_token']:.3f} |")
+    if merging:
+        print("\n| decoder merge ratio | merged / patch tokens per block | decode (s) | PSNR vs original (dB) | PSNR vs unmerged (dB) |\n|---|---|---|---|---|")
+        for row in merging:
+            print(f"| {row['merge_ratio']} | {row['merged_patch_tokens_per_block']} / {row['patch_tokens']} | {row['decode_s']:.2f} | {row['psnr_vs_original_db']:.2f} | {row['psnr_vs_unmerged_db']:.2f} |")
     print("\n| search (uniform prior, 4 ordered tokens) | decoded images | mean log p(target) | target hit rate |\n|---|---|---|---|")
     for row in search:
         print(f"| {row['method']} | {row['decoded_images']} | {row['mean_verifier_log_prob']:.2f} | {row['target_class_hit_rate']:.2f} |")

@@ -120,3 +120,20 @@ def test_euler_sampler_reproduces_gaussian_target():
 
     samples = euler_sample(velocity, torch.randn(20000, 1, generator=torch.Generator().manual_seed(0)), steps=200)
     assert abs(samples.mean().item() - mu) < 0.03 and abs(samples.std().item() - s) < 0.03
+
+
+def test_flextok_decoder_token_merging_option():
+    torch.manual_seed(0)
+    tok = FlexTokTokenizer(FlexTokConfig(image_size=16, width=32, encoder_depth=1, decoder_depth=2, heads=2, num_registers=4, sample_steps=2)).eval()
+    for block in tok.decoder:
+        torch.nn.init.normal_(block.modulation[1].weight, std=0.1)
+    torch.nn.init.normal_(tok.to_velocity.weight, std=0.1)
+    ids = tok.encode(_images())
+    noise = torch.randn(2, *tok.noise_shape, generator=torch.Generator().manual_seed(2))
+    base = tok.decode(ids, noise=noise)
+    assert torch.equal(tok.decode(ids, noise=noise, merge_ratio=0.0), base)
+    merged = tok.decode(ids, noise=noise, merge_ratio=0.25)
+    assert merged.shape == base.shape and torch.isfinite(merged).all()
+    assert 0 < (merged - base).abs().mean() < (base - base.mean()).abs().mean()
+    with pytest.raises(InputError):
+        tok.decode(ids, noise=noise, merge_ratio=0.5)

@@ -56,10 +56,21 @@ class AdaLNZeroBlock(nn.Module):
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None, merge_r: int = 0,
+                protected: tuple = ()) -> torch.Tensor:
+        """With merge_r > 0, ToMe-SD: attention and MLP run on x with its merge_r most redundant tokens merged
+        (bipartite matching on x through tokenomy.kernels, `protected` positions never merged), and their
+        outputs are unmerged back to every position before the gated residual add."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, mask)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+        if merge_r <= 0:
+            x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, mask)
+            return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+        from tokenomy.kernels import tome
+
+        plan = tome.match(x.contiguous(), merge_r, protected)
+        merged = lambda h: tome.merge(h.contiguous(), plan)[0]
+        x = x + gate1 * tome.unmerge(self.attn(merged(self.norm1(x) * (1 + scale1) + shift1)), plan)
+        return x + gate2 * tome.unmerge(self.mlp(merged(self.norm2(x) * (1 + scale2) + shift2)), plan)
 
 
 def timestep_embedding(t: torch.Tensor, width: int, max_period: float = 10000.0) -> torch.Tensor:

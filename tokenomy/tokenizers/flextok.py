@@ -152,14 +152,17 @@ class FlexTokTokenizer(ImageTokenizer):
         kept = (slots[None] < keep[:, None]).unsqueeze(-1)
         return torch.where(kept, self.from_code(codes), self.mask_token) + self.register_pos
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, merge_ratio: float = 0.0) -> torch.Tensor:
         patches = self.noisy_embed(patchify(x_t, self.config.patch_size)) + self.decoder_patch_pos
         x = torch.cat([patches, condition], dim=1)
         t_emb = self.time_mlp(timestep_embedding(t, self.config.width))[:, None]
         part = torch.cat([self.part_embed[:1].expand(patches.shape[1], -1), self.part_embed[1:].expand(condition.shape[1], -1)])
         cond = t_emb + part
+        # token merging (ToMe-SD) acts on patch tokens only; the register slots carry the condition
+        merge_r = int(merge_ratio * patches.shape[1])
+        protected = tuple(range(patches.shape[1], x.shape[1])) if merge_r else ()
         for block in self.decoder:
-            x = block(x, cond)
+            x = block(x, cond, merge_r=merge_r, protected=protected)
         v = self.to_velocity(self.decoder_norm(x[:, : patches.shape[1]]))
         return unpatchify(v, self.config.patch_size, self.latent_shape[0], self.grid)
 
@@ -173,9 +176,13 @@ class FlexTokTokenizer(ImageTokenizer):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, steps: int | None = None, guidance: float | None = None,
-               noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               merge_ratio: float = 0.0) -> torch.Tensor:
         """Decode any prefix ids [B, k], 1 <= k <= K. `noise` [B, *noise_shape] (or `generator`) fixes the
-        flow's starting point."""
+        flow's starting point. `merge_ratio` (< 0.5) merges that fraction of patch tokens in every decoder
+        block through tokenomy.kernels (ToMe-SD), trading fidelity for speed."""
+        if not 0.0 <= merge_ratio < 0.5:
+            raise InputError(f"merge_ratio must lie in [0, 0.5), got {merge_ratio}")
         steps = steps or self.config.sample_steps
         guidance = self.config.guidance if guidance is None else guidance
         cond = self.ids_to_condition(ids)
@@ -184,11 +191,11 @@ class FlexTokTokenizer(ImageTokenizer):
         if noise.shape[1:] != self.latent_shape:
             raise InputError(f"FlexTok noise must be [B, {', '.join(map(str, self.latent_shape))}], got {tuple(noise.shape)}")
         if guidance == 1.0:
-            return self.from_latent(euler_sample(lambda x, t: self.velocity(x, t, cond), noise, steps))
+            return self.from_latent(euler_sample(lambda x, t: self.velocity(x, t, cond, merge_ratio), noise, steps))
         null = self.null_condition.expand_as(cond)
 
         def guided(x, t):
-            v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
+            v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), merge_ratio).chunk(2)
             return v_null + guidance * (v_cond - v_null)
 
         return self.from_latent(euler_sample(guided, noise, steps))
