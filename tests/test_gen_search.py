@@ -61,3 +61,28 @@ def test_search_raises_verifier_score_over_best_of_one():
         gains_bon.append(float(bon.scores[0] - one.scores[0]))
     assert min(gains_bon) >= 0 and sum(gains_bon) > 0
     assert sum(gains_beam) > 0
+
+
+def test_clip_verifier_loads_local_weights_only(tmp_path):
+    import json
+
+    import open_clip
+    import pytest
+
+    from tokenomy.errors import ModelLoadError
+    from tokenomy.generation.verifiers import CLIPVerifier
+
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "tiny-clip-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "config")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip-test")
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    verifier = CLIPVerifier("tiny-clip-test", tmp_path / "tiny.pt")
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    scores = verifier.score(images, ["a red circle", "a blue square", "a yellow cross"])
+    assert scores.shape == (3,) and scores.min() >= 0 and scores.max() <= 2.5
+    with pytest.raises(ModelLoadError):
+        CLIPVerifier("tiny-clip-test", tmp_path / "missing.pt")
