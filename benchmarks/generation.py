@@ -113,6 +113,20 @@ def decoding_table(num_images: int, settings: list[str], cfg: float, seed: int) 
         rows.append({"steps": steps or generator_model.num_tokens, "seed": run_seed, "forward_passes_per_image": passes, "wall_s": elapsed,
                      "kid": kid, "kid_std": kid_std, "fid": frechet_distance(features, reference),
                      "class_consistency": (logits.argmax(-1) == labels).float().mean().item()})
+    if (ASSETS / "raster").is_dir():  # the raster GPT on the same tokens, KV-cached, one token per pass
+        raster = load_generator(ASSETS / "raster")
+        raster.forward_passes = 0
+        rng = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        tokens = torch.cat([raster.generate(labels[i : i + 256], cfg=cfg, generator=rng) for i in range(0, num_images, 256)])
+        elapsed = time.perf_counter() - start
+        with torch.no_grad():
+            images = tokenizer.decode(tokens)
+            logits, features = classifier(images), standardise(classifier.features(images))
+        kid, kid_std = kernel_inception_distance(features, reference)
+        rows.append({"steps": "raster GPT", "seed": seed, "forward_passes_per_image": raster.forward_passes / ((num_images + 255) // 256),
+                     "wall_s": elapsed, "kid": kid, "kid_std": kid_std, "fid": frechet_distance(features, reference),
+                     "class_consistency": (logits.argmax(-1) == labels).float().mean().item()})
     return rows, floor
 
 
@@ -127,6 +141,9 @@ def likelihood_table(num_images: int, seed: int) -> list[dict]:
         for order in ("raster", "random"):
             log_prob = generator_model.sequence_log_prob(labels, tokens, order=order, generator=torch.Generator().manual_seed(seed))
             rows.append({"order": order, "nll_nats_per_token": -log_prob.mean().item() / tokens.shape[1]})
+        if (ASSETS / "raster").is_dir():
+            log_prob = load_generator(ASSETS / "raster").sequence_log_prob(labels, tokens)
+            rows.append({"order": "raster (raster GPT)", "nll_nats_per_token": -log_prob.mean().item() / tokens.shape[1]})
     return rows
 
 
@@ -197,7 +214,7 @@ def main() -> None:
               f"KID x1e3 {1e3 * floor['kid_recon_vs_recon'][0]:.2f} ± {1e3 * floor['kid_recon_vs_recon'][1]:.2f}, FID {floor['fid_recon_vs_recon']:.2f}; "
               f"raw held-out images: KID x1e3 {1e3 * floor['kid_real_vs_recon'][0]:.2f}, FID {floor['fid_real_vs_recon']:.2f}")
     if likelihood:
-        print("\n| RandAR order | held-out NLL (nats/token) |\n|---|---|")
+        print("\n| model / order | held-out NLL (nats/token) |\n|---|---|")
         for row in likelihood:
             print(f"| {row['order']} | {row['nll_nats_per_token']:.3f} |")
     if merging:
