@@ -134,3 +134,12 @@ def test_generator_save_load_roundtrip(tmp_path):
     labels = torch.tensor([0, 1])
     order = torch.arange(16).expand(2, -1)
     torch.testing.assert_close(model(labels, tokens, order), loaded(labels, tokens, order))
+
+
+def test_cfg_schedules():
+    from tokenomy.generation.sampling import guidance_scale
+
+    assert guidance_scale("constant", 3.0, 5, 10) == 3.0
+    assert guidance_scale("linear", 4.0, 0, 16) == 1.0 and guidance_scale("linear", 4.0, 8, 16) == 2.5
+    ramp = [guidance_scale("power-cosine", 5.0, a, 16, power=2.0) for a in range(17)]
+    assert ramp[0] == 1.0 and abs(ramp[-1] - 5.0) < 1e-9 and all(b >= a for a, b in zip(ramp, ramp[1:]))

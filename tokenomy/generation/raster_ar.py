@@ -28,14 +28,14 @@ class RasterAR(ARGenerator):
     @torch.no_grad()
     def generate(self, labels, cfg: float = 1.0, cfg_schedule: str = "constant", temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True, prefix: torch.Tensor | None = None, num_tokens: int | None = None,
+                 use_cache: bool = True, prefix: torch.Tensor | None = None,
                  return_logits: bool = False):
         """Sample N tokens in raster order; `prefix` [B, m] teacher-forces the first m tokens.
 
         With `use_cache=False` every step re-runs the whole prefix (the reference the cache must match).
         """
         labels = self.check_labels(labels).to(self.cell_angles.device)
-        total = num_tokens or self.num_tokens
+        total = self.num_tokens
         guided = not (cfg_schedule == "constant" and cfg == 1.0)
         cond = self.cfg_labels(labels, guided)
         tokens = torch.zeros(labels.shape[0], total, dtype=torch.long, device=labels.device)

@@ -31,15 +31,15 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-def guidance_scale(schedule: str, scale: float, decoded: int, total: int, step: int = 0, steps: int = 1,
-                   power: float = 1.0) -> float:
-    """CFG weight for the current step. `linear` ramps 1 -> scale over the decoded fraction (RandAR/ARPG)."""
+def guidance_scale(schedule: str, scale: float, decoded: int, total: int, power: float = 1.0) -> float:
+    """CFG weight when `decoded` of `total` tokens are known. `linear` ramps 1 -> scale over the decoded fraction
+    (RandAR/ARPG); `power-cosine` follows RAR with the decoded fraction as its progress (one token per step)."""
     if schedule == "constant":
         return scale
     if schedule == "linear":
         return 1.0 + (scale - 1.0) * decoded / total
     if schedule == "power-cosine":
-        return (scale - 1.0) * (1 - math.cos(math.pi * (step / steps) ** power)) / 2 + 1.0
+        return (scale - 1.0) * (1 - math.cos(math.pi * (decoded / total) ** power)) / 2 + 1.0
     raise UnknownNameError("cfg schedule", schedule, ["constant", "linear", "power-cosine"])
 
 

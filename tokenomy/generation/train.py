@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def train_ar(kind: str, tokenizer_dir, out_dir, dataset: str = "shapes", steps: 
         for group in optimizer.param_groups:
             # linear warm-up, then cosine decay to 10% over the step budget
             progress = step / max(1, steps)
-            group["lr"] = _warmup_lr(step, lr, 200) * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(progress * 3.14159)).item()))
+            group["lr"] = _warmup_lr(step, lr, 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
         loss = model.loss(ids[picks], labels[picks], generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
