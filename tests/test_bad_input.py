@@ -54,7 +54,7 @@ def test_keep_must_be_a_positive_integer(keep):
 def test_unknown_reducer_and_model_list_known_names():
     with pytest.raises(UnknownNameError, match="known reducers: .*fastv.*random.*vtc-cls"):
         tokenomy.load("tiny-llava", "fastv2")
-    with pytest.raises(UnknownNameError, match="known models: tiny-llava, tiny-llava-next, tiny-qwen2-vl"):
+    with pytest.raises(UnknownNameError, match="known models: .*tiny-llava, tiny-llava-next, tiny-qwen2-vl"):
         tokenomy.load("tiny-lava")
     assert set(tokenomy.reducers.available()) >= {"none", "random", "vtc-cls", "fastv"}
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tokenomy
+from tokenomy.errors import InputError
 from tests.conftest import random_images
 
 FAMILIES = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
@@ -200,3 +201,21 @@ def test_local_folder_round_trip(tmp_path):
     reloaded = tokenomy.load(str(tmp_path), "none")
     images = random_images(1)
     assert torch.allclose(reloaded.forward(images, PROMPTS[:1]), pipeline.forward(images, PROMPTS[:1]), atol=1e-6)
+
+
+def test_pre_llm_pruning_with_kept_positions_equals_masking_the_dropped_tokens():
+    images = random_images(2)
+    pruned = tokenomy.load("tiny-llava", "random", keep=6, position_policy="keep")
+    generations = pruned.generate(images, PROMPTS[:2], max_new_tokens=5, eos_token_id=None)
+    llm_kwargs, _, _ = pruned.prepare(images, PROMPTS[:2])
+    assert (llm_kwargs["position_ids"].diff(dim=-1) > 1).any(), "kept positions should leave gaps"
+    kept = [generation.stats["kept_indices"] for generation in generations]
+    reference = _masked_reference_greedy(tokenomy.load("tiny-llava", "none"), images, PROMPTS[:2], kept, layer=0, steps=5)
+    assert [generation.token_ids for generation in generations] == reference
+
+
+def test_unsupported_position_policies_are_refused_at_load():
+    with pytest.raises(InputError, match="'multi' is not supported by llava models"):
+        tokenomy.load("tiny-llava", "random", keep=6, position_policy="multi")
+    with pytest.raises(InputError, match="'contiguous' is not supported by qwen2-vl models"):
+        tokenomy.load("tiny-qwen2-vl", "random", keep=6, position_policy="contiguous")

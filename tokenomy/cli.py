@@ -9,6 +9,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "tokenomy.vlm.cli",
     "tokenomy.eval.cli",
+    "tokenomy.generation.cli",
     "tokenomy.train.cli",
 ]
 

@@ -86,11 +86,7 @@ def assemble(adapter, batch, encoded, selections, policy: PositionPolicy) -> LLM
                 new_positions[:, sample, pad:] = reference[:, sample, source]
             else:
                 new_positions[sample, pad:] = reference[sample, source]
-        elif policy is PositionPolicy.CONTIGUOUS:
-            if multi_row:
-                raise InputError("contiguous renumbering is not defined for M-RoPE positions; use position policy 'keep'")
+        else:  # contiguous; adapters refuse the policies they cannot assemble (multi until PPE, contiguous M-RoPE)
             new_positions[sample, pad:] = torch.arange(len(row))
-        else:
-            raise NotImplementedError("position policy 'multi' arrives with the PPE reducer")
         slots[sample] = [slot + pad for slot in slots[sample]]
     return LLMInputs(new_embeds, new_mask, new_positions, slots, offsets)
