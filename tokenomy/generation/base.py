@@ -1,16 +1,13 @@
 """Shared pieces of the class-conditional AR image generators: config, class/null embedding, save/load."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
+from tokenomy.checkpoint import load_checkpoint, save_checkpoint
+from tokenomy.errors import InputError
 from tokenomy.generation.rope2d import grid_angles
 from tokenomy.generation.transformer import TransformerConfig, Trunk
 
@@ -80,22 +77,9 @@ class ARGenerator(nn.Module):
             raise InputError(f"{name} must lie in [0, {self.config.vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
 
     def save(self, directory) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps({"kind": self.kind, **dataclasses.asdict(self.config)}, indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        save_checkpoint(directory, self.kind, self.config, self)
 
 
 def load_generator(directory) -> ARGenerator:
     """Build a generator from a local folder written by `ARGenerator.save`."""
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ModelLoadError(f"{directory} lacks config.json or model.safetensors (a local generator folder is required)")
-    config = json.loads(config_path.read_text())
-    kind = config.pop("kind", None)
-    if kind not in GENERATORS:
-        raise UnknownNameError("generator", str(kind), GENERATORS)
-    model = GENERATORS[kind](ARConfig(**config))
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
-    return model.eval()
+    return load_checkpoint(directory, "generator", GENERATORS, lambda cls, config: cls(ARConfig(**config)))

@@ -1,7 +1,6 @@
 """`tokenomy train-tokenizer`, `tokenomy train-ar`, `tokenomy train-verifier` and `tokenomy generate-image`."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

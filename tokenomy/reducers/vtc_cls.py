@@ -4,7 +4,6 @@ Score s_j = sum over layers start..feature_layer of the head-averaged CLS->patch
 patches, CLS share not renormalised away); keep the top-`keep`, in raster order, before the projector; positions follow the
 model family (renumbered contiguously on LLaVA, as the reference does).
 """
-import torch
 
 from tokenomy.errors import InputError
 from tokenomy.reducers.base import Reducer, Selection, Stage, top_k_sorted

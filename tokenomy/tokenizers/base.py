@@ -1,15 +1,11 @@
 """Common interface of the image tokenizers and their on-disk format (config.json + model.safetensors)."""
 from __future__ import annotations
 
-import dataclasses
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
+from tokenomy.checkpoint import load_checkpoint, save_checkpoint
+from tokenomy.errors import InputError
 
 TOKENIZERS: dict[str, type["ImageTokenizer"]] = {}
 
@@ -47,24 +43,12 @@ class ImageTokenizer(nn.Module):
             raise InputError(f"{self.kind} tokenizer expects images [B, 3, {size}, {size}], got {tuple(images.shape)}")
 
     def save(self, directory) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"kind": self.kind, **dataclasses.asdict(self.config)}
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        save_checkpoint(directory, self.kind, self.config, self)
 
 
 def load_tokenizer(directory) -> ImageTokenizer:
     """Build a tokenizer from a local folder written by `ImageTokenizer.save`."""
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ModelLoadError(f"{directory} lacks config.json or model.safetensors (a local tokenizer folder is required)")
-    config = json.loads(config_path.read_text())
-    kind = config.pop("kind", None)
-    if kind not in TOKENIZERS:
-        raise UnknownNameError("tokenizer", str(kind), TOKENIZERS)
-    cls = TOKENIZERS[kind]
-    model = cls(cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
-    return model.eval()
+    def build(cls, config):  # JSON turns the config's tuples into lists
+        return cls(cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+
+    return load_checkpoint(directory, "tokenizer", TOKENIZERS, build)

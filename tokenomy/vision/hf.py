@@ -1,8 +1,6 @@
 """transformers CLIP and SigLIP vision towers behind `VisionEncoder`."""
 from __future__ import annotations
 
-import torch
-
 from tokenomy.errors import ModelLoadError
 from tokenomy.vision.base import VisionEncoder
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from tokenomy.errors import InputError, ModelLoadError
+from tokenomy.errors import ModelLoadError
 from tokenomy.reducers.base import ImageTokens, PositionPolicy, Selection
 from tokenomy.vision.base import SignalRequest, grid_positions
 from tokenomy.vision.hf import HFViTEncoder

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokenomy.errors import InputError
-from tokenomy.reducers.base import LAST_TEXT_ATTENTION, ImageTokens, Selection
+from tokenomy.reducers.base import LAST_TEXT_ATTENTION, ImageTokens
 
 
 def rotate_half(x):
