@@ -101,7 +101,7 @@ def _place_objects(rng, count_large, text_box):
     return objects
 
 
-def _questions(rng, objects, word):
+def draw_questions(rng, objects, word):
     """One question of each type, or None when this scene cannot ask one unambiguously."""
     large = [o for o in objects if not o.small]
     small = next(o for o in objects if o.small)
@@ -198,7 +198,7 @@ def make_scene(split: str, index: int) -> Scene:
         objects = _place_objects(rng, int(rng.integers(2, 6)), text_box)
         if objects is None:
             continue
-        questions = _questions(rng, objects, word)
+        questions = draw_questions(rng, objects, word)
         if questions is not None:
             return Scene(objects, word, text_box, questions)
 

@@ -24,6 +24,8 @@ def add_parser(subparsers):
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
+    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps,
+                        help="first steps train only the vision tower + projector through the probe (synthvqa)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary of the tokenizer")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -39,6 +41,7 @@ def run(args):
     config = TrainConfig(
         arch=args.arch, out_dir=args.out or str(Path("runs") / f"ref-{args.arch}"), data=args.data, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, save_every=args.save_every, threads=args.threads,
+        vision_steps=args.vision_steps,
         seed=args.seed, vocab_size=args.vocab_size,
     )
     folder = train(config, resume=args.resume)

@@ -38,6 +38,10 @@ class TrainConfig:
     seed: int = 0
     vocab_size: int = 512
     probe_weight: float = 1.0  # visual-token probe loss (synthvqa only; see tokenomy.train.probe); 0 turns it off
+    # The first `vision_steps` of `steps` train the vision tower and projector through the probe alone (synthvqa
+    # only): a step without the LLM is several times cheaper, and the LLM learns nothing from the image until the
+    # tokens tell shapes and words apart.
+    vision_steps: int = 0
 
 
 def answer_loss(model, batch) -> torch.Tensor:
@@ -47,6 +51,12 @@ def answer_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
     )
+
+
+def encode_images(model, batch) -> None:
+    """Run only the vision tower and projector (the probe's hook captures the visual tokens)."""
+    grid = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
+    model.model.get_image_features(pixel_values=batch["pixel_values"], **grid)
 
 
 def _schedule(config: TrainConfig):
@@ -96,6 +106,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     # Scenes are known only for synthvqa: the probe needs them (a user's vqa-jsonl trains on answers alone).
     probe = VisualTokenProbe(model) if isinstance(dataset, SynthVQATrain) and config.probe_weight > 0 else None
     grid = probe_grid(model) if probe is not None else None
+    if config.vision_steps and probe is None:
+        raise InputError("vision_steps needs the probe: it is for synthvqa training with probe_weight > 0")
     parameters = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
@@ -120,7 +132,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         for step in bar:
             conversations = [dataset[step * config.batch_size + i] for i in range(config.batch_size)]
             batch = collate([encode(config.arch, processor, c, grid) for c in conversations], tokenizer.pad_token_id, image_token_id)
-            loss = answer_loss(model, batch)
+            if step < config.vision_steps:
+                encode_images(model, batch)
+                loss = torch.zeros(())
+            else:
+                loss = answer_loss(model, batch)
             probe_loss = probe.loss(batch["cell_labels"]) if probe is not None else torch.zeros(())
             optimizer.zero_grad(set_to_none=True)
             (loss + config.probe_weight * probe_loss).backward()

@@ -5,6 +5,8 @@ Sizes are chosen so both models train to the synthvqa targets on two CPU cores i
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -49,6 +51,27 @@ def _text_config(model_type: str, tokenizer, **extra) -> dict:
                 tie_word_embeddings=True, **LLM_SIZE, **_text_ids(tokenizer), **extra)
 
 
+def sincos_2d(grid: int, dim: int, base: float = 100.0) -> torch.Tensor:
+    """[grid*grid, dim] 2D sine-cosine position codes (row codes, then column codes), row-major cells."""
+    freqs = 1.0 / base ** (torch.arange(dim // 4) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angles = [coord.flatten()[:, None] * freqs[None] for coord in (rows, cols)]
+    return torch.cat([part for angle in angles for part in (angle.sin(), angle.cos())], dim=-1)
+
+
+def _init_clip_positions(model) -> None:
+    """Start CLIP's learned position embeddings from 2D sine-cosine codes (MAE's fixed choice, here only the init).
+
+    From a random init the ViT takes many hundreds of steps to learn that neighbouring patches belong together;
+    with this init its attention can be local from the first step, and shape recognition starts at once.
+    """
+    table = model.model.vision_tower.embeddings.position_embedding.weight
+    grid = math.isqrt(table.shape[0] - 1)
+    with torch.no_grad():
+        table.zero_()  # the CLS row stays zero
+        table[1:] = sincos_2d(grid, table.shape[1])
+
+
 def build_llava(tokenizer, seed: int = 0):
     """CLIP ViT (with CLS) + 2-layer MLP projector + Llama, exactly LlavaForConditionalGeneration."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -63,6 +86,7 @@ def build_llava(tokenizer, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    _init_clip_positions(model)
     # The PIL processors are ~15x faster than the torchvision ones on small CPU images, and give the same pixels.
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
