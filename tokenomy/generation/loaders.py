@@ -152,7 +152,7 @@ def load_randar(path, heads: int | None = None, grid: int = 16, num_classes: int
     hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
     table_rows = state["cls_embedding.embedding_table.weight"].shape[0]
     classes = num_classes if num_classes is not None else table_rows - 1  # the last row is the CFG null class
-    multiple = next((m for m in (256, 128, 64, 32, 16, 8) if _swiglu_hidden(width, m) == hidden), None)
+    multiple = next((m for m in (256, 128, 64, 32, 16, 8) if swiglu_hidden(width, m) == hidden), None)
     if multiple is None:
         raise ModelLoadError(f"FFN hidden size {hidden} of {path} does not follow LlamaGen's rounding for width {width}")
     model = RandAR(ARConfig(vocab_size=vocab, num_classes=classes, grid_rows=grid, grid_cols=grid, width=width, depth=depth,
@@ -168,7 +168,7 @@ def load_randar(path, heads: int | None = None, grid: int = 16, num_classes: int
     return model.eval()
 
 
-def _swiglu_hidden(width: int, multiple_of: int) -> int:
+def swiglu_hidden(width: int, multiple_of: int) -> int:
     hidden = int(2 * 4 * width / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
