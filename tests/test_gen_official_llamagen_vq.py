@@ -127,3 +127,13 @@ def test_vq_bad_checkpoints_name_the_culprit(vq_file, tmp_path):
         load(tmp_path / "extra.pt")
     with pytest.raises(ModelLoadError, match="FoundationVision/LlamaGen.*hub id"):
         load("FoundationVision/LlamaGen")
+
+
+def test_vq_loaded_model_saves_and_reloads_in_tokenomy_format(vq_file, tmp_path):
+    from tokenomy.tokenizers import load_tokenizer
+
+    model = load(vq_file[0])
+    model.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    assert type(again).__name__ == "LlamaGenVQ" and torch.equal(again.encode(images), model.encode(images))

@@ -193,3 +193,14 @@ def test_titok_maskgit_resnet_shortcut_reads_the_block_output(tmp_path):
     h = F.conv2d(F.silu(gn(h, "norm2")), state[b + "conv2.weight"], padding=1)
     expected = h + F.conv2d(h, state[b + "nin_shortcut.weight"])
     torch.testing.assert_close(model.pixel_decoder.stages[1].resnets[0](x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_titok_loaded_model_saves_and_reloads_in_tokenomy_format(tmp_path):
+    from tokenomy.tokenizers import load_tokenizer
+
+    folder, _ = hub_folder(tmp_path, legacy=True)
+    model = load_titok(folder, sizes=SIZES, **PIXEL)
+    model.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    ids = torch.tensor([[0, 3, 9, 1]])
+    assert type(again).__name__ == "OfficialTiTok" and torch.equal(again.decode(ids), model.decode(ids))

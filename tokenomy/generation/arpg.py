@@ -183,11 +183,14 @@ class ARPG(nn.Module):
                  generator: torch.Generator | None = None, return_logits: bool = False):
         """Decode N tokens in `steps` forwards with the KV cache; each step feeds only the previous step's tokens.
 
+        `order` "random" draws one order for the whole batch (official behaviour); pass a [B, N] tensor for one each.
         The linear CFG ramp counts the tokens decoded including the current step, as the official sampler.
         Returns tokens [B, N] in grid order (and, with `return_logits`, the guided logits [B, N, V] in decoding order).
         """
         cond = self.condition_ids(labels)
         batch, total, device = cond.shape[0], self.num_tokens, cond.device
+        if isinstance(order, str) and order == "random":  # one order shared by the batch, as the official sampler
+            order = torch.rand(total, generator=generator).argsort()
         order = make_order(order, batch, total, generator, device)
         guided = not (cfg_schedule == "constant" and cfg == 1.0)
         copies = 1 + guided
