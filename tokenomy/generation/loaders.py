@@ -2,7 +2,8 @@
 
 Shared machinery (`local_path`, `read_state_dict`, `load_official_state`) is used by the per-method loaders:
 `tokenomy.generation.rar.load_rar`, `tokenomy.generation.arpg.load_arpg`,
-`tokenomy.tokenizers.llamagen_vq.load_llamagen_vq`, `tokenomy.tokenizers.titok_official.load_titok`.
+`tokenomy.tokenizers.llamagen_vq.load_llamagen_vq`, `tokenomy.tokenizers.titok_official.load_titok`,
+`tokenomy.tokenizers.flextok_official.load_flextok_encoder`.
 
 - RandAR `.safetensors` state dicts (ziqipang/RandAR, LlamaGen-style GPT) -> our `RandAR`, strict, shapes checked.
 - FlexTok `model.safetensors`: the Hydra config stored as Python literals in the safetensors `__metadata__`
