@@ -97,6 +97,9 @@ def test_rar_cached_generation_equals_uncached_and_is_causal(rar_file):
     uncached = model.generate(labels, generator=torch.Generator().manual_seed(0), use_cache=False, **kwargs)
     assert cached.shape == (2, SEQ) and cached.max() < CODES
     assert torch.equal(cached, uncached)
+    order = torch.stack([torch.randperm(SEQ, generator=torch.Generator().manual_seed(s)) for s in (8, 9)])
+    shuffled = [model.generate(labels, order=order, generator=torch.Generator().manual_seed(0), use_cache=c, **kwargs) for c in (True, False)]
+    assert torch.equal(shuffled[0], shuffled[1])
     tokens = torch.randint(0, CODES, (1, SEQ), generator=torch.Generator().manual_seed(6))
     changed = tokens.clone()
     changed[0, 5] = (changed[0, 5] + 1) % CODES
