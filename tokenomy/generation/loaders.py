@@ -1,5 +1,10 @@
 """Loaders for official checkpoint formats, from local files only.
 
+Shared machinery (`local_path`, `read_state_dict`, `load_official_state`) is used by the per-method loaders:
+`tokenomy.generation.rar.load_rar`, `tokenomy.generation.arpg.load_arpg`,
+`tokenomy.tokenizers.llamagen_vq.load_llamagen_vq`, `tokenomy.tokenizers.titok_official.load_titok`,
+`tokenomy.tokenizers.flextok_official.load_flextok_encoder`.
+
 - RandAR `.safetensors` state dicts (ziqipang/RandAR, LlamaGen-style GPT) -> our `RandAR`, strict, shapes checked.
 - FlexTok `model.safetensors`: the Hydra config stored as Python literals in the safetensors `__metadata__`
   header is parsed (never instantiated) into the hyper-parameters our classes need.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import pickle
 import re
 import struct
 from pathlib import Path
@@ -37,22 +43,77 @@ _RANDAR_TOP_KEYS = {
 }
 
 
+def local_path(path, folder: bool = False) -> Path:
+    """`path` as an existing local file (or folder); anything else, a hub id included, is a ModelLoadError."""
+    resolved = Path(path)
+    if resolved.is_dir() if folder else resolved.is_file():
+        return resolved
+    # "owner/name" that is not on disk is almost surely a model-hub id: say so instead of a bare "not found"
+    hub_hint = (" (it looks like a model-hub id; tokenomy never downloads)"
+                if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not resolved.parent.is_dir() else "")
+    what = "folder" if folder else "file"
+    raise ModelLoadError(f"checkpoint {what} {path} not found{hub_hint}; only local paths are loaded (download it yourself first)")
+
+
 def _local_file(path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} not found; only local files are loaded (download it yourself first)")
-    return path
+    return local_path(path)
 
 
 def load_torch_state_dict(path) -> dict[str, torch.Tensor]:
     """A `.pt`/`.bin` checkpoint as a flat state dict, unwrapping model/module/state_dict/ema containers."""
-    checkpoint = torch.load(_local_file(path), map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(_local_file(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # e.g. training checkpoints that also pickle an argparse Namespace: never unpickle arbitrary objects
+        raise ModelLoadError(f"{path} holds objects other than tensors and cannot be read with weights_only=True; "
+                             f"re-save its state dict alone (torch.save(ckpt['model'], ...)) in a trusted session: {exc}") from exc
     for key in ("model", "module", "state_dict", "ema"):
         if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
             checkpoint = checkpoint[key]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ModelLoadError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Tensors of a local `.safetensors` file, or of a `.pt`/`.bin` checkpoint read with weights_only=True."""
+    from safetensors.torch import load_file
+
+    path = local_path(path)
+    return load_file(str(path)) if path.suffix == ".safetensors" else load_torch_state_dict(path)
+
+
+def require_keys(state: dict, keys, source) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ModelLoadError(f"{source}: missing keys {missing} (not a checkpoint of the expected kind)")
+
+
+def _listing(keys: list[str]) -> str:
+    return f"{keys[:8]}{f' and {len(keys) - 8} more' if len(keys) > 8 else ''}"
+
+
+def load_official_state(model: torch.nn.Module, state: dict[str, torch.Tensor], table: dict[str, str], source,
+                        ignored: tuple[str, ...] = ()):
+    """Load `state` (official key names) into `model` through `table` (official key -> our key), strictly.
+
+    Missing and unexpected keys, and tensors whose shape differs from the one the config implies, are reported by
+    their official names before anything is loaded. `ignored` official keys (training statistics) are dropped.
+    """
+    unexpected = [k for k in state if k not in table and k not in ignored]
+    missing = [k for k in table if k not in state]
+    if missing or unexpected:
+        raise ModelLoadError(f"{source}: missing keys {_listing(missing)}, unexpected keys {_listing(unexpected)}")
+    expected = model.state_dict()
+    unmapped = sorted(set(expected) - set(table.values()))
+    if unmapped:  # the table itself is incomplete: a bug here, not in the checkpoint
+        raise ModelLoadError(f"{source}: key table leaves model parameters {_listing(unmapped)} unset")
+    wrong = [f"{k}: {tuple(state[k].shape)} (expected {tuple(expected[ours].shape)})" for k, ours in table.items()
+             if state[k].shape != expected[ours].shape]
+    if wrong:
+        raise ModelLoadError(f"{source}: shape mismatch for {_listing(wrong)}")
+    model.load_state_dict({ours: state[k] for k, ours in table.items()}, strict=True)
+    return model.eval()
 
 
 def randar_state_dict_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,7 +153,7 @@ def load_randar(path, heads: int | None = None, grid: int = 16, num_classes: int
     hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
     table_rows = state["cls_embedding.embedding_table.weight"].shape[0]
     classes = num_classes if num_classes is not None else table_rows - 1  # the last row is the CFG null class
-    multiple = next((m for m in (256, 128, 64, 32, 16, 8) if _swiglu_hidden(width, m) == hidden), None)
+    multiple = next((m for m in (256, 128, 64, 32, 16, 8) if swiglu_hidden(width, m) == hidden), None)
     if multiple is None:
         raise ModelLoadError(f"FFN hidden size {hidden} of {path} does not follow LlamaGen's rounding for width {width}")
     model = RandAR(ARConfig(vocab_size=vocab, num_classes=classes, grid_rows=grid, grid_cols=grid, width=width, depth=depth,
@@ -108,7 +169,7 @@ def load_randar(path, heads: int | None = None, grid: int = 16, num_classes: int
     return model.eval()
 
 
-def _swiglu_hidden(width: int, multiple_of: int) -> int:
+def swiglu_hidden(width: int, multiple_of: int) -> int:
     hidden = int(2 * 4 * width / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
