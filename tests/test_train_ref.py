@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 import tokenomy
 from tokenomy.cli import main as cli_main
@@ -117,8 +118,51 @@ def test_probe_labels_follow_the_scene():
             assert {1 + colors.index(o.color) for o in large} <= set(labels[..., 0].unique().tolist()) - {0} <= scene_colors
             for o in large if grid == 16 else []:  # an 8 px cell at a large object's centre lies mostly inside it
                 assert labels[o.y // cell, o.x // cell].tolist()[:3] == [1 + colors.index(o.color), 1 + shapes.index(o.shape), 1]
+            centres = labels[..., 4]
+            for o in scene.objects:
+                assert centres[o.y // cell, o.x // cell] == 1
+            assert 0 < int(centres.sum()) <= len(scene.objects)
             words = labels[..., 3]
             assert set(words.unique().tolist()) == {0, 1 + synthvqa.WORDS.index(scene.word)}
             left, top, right, bottom = scene.text_box
             assert (words[top // cell : bottom // cell + 1, left // cell : right // cell + 1] > 0).any()
             assert (words[: max(0, top // cell - 1)] == 0).all()
+
+
+def test_extra_training_turns_are_answered_right():
+    from test_synthvqa import derive_answer
+
+    stream = SynthVQATrain()
+    for index in range(30):
+        scene = synthvqa.make_scene("train", index)
+        turns = stream[index].turns
+        assert len(turns) > len(scene.questions)  # more look-ups than the seven benchmark questions
+        assert len({question for question, _ in turns}) == len(turns)
+        assert {q["question"] for q in scene.questions} <= {question for question, _ in turns}
+        description = synthvqa.scene_description(scene)
+        for question, answer in turns:
+            assert answer == derive_answer(question, description), (index, question)
+
+
+def test_clip_positions_start_as_2d_sincos():
+    from tokenomy.train.models import sincos_2d
+
+    model, _ = build("llava", train_tokenizer(SynthVQATrain().texts("llava", limit=50), "llava"))
+    table = model.model.vision_tower.embeddings.position_embedding.weight.detach()
+    assert torch.equal(table[1:], sincos_2d(16, table.shape[1])) and not table[0].any()
+    # neighbouring patches are more alike than distant ones: the locality the init is for
+    similarity = table[1:] @ table[1:].T
+    assert similarity[0, 1] > similarity[0, 15] and similarity[0, 16] > similarity[0, 16 * 15]
+
+
+def test_vision_steps_train_the_vision_side_only(tmp_path):
+    config = loop.TrainConfig(arch="qwen", out_dir=str(tmp_path / "run"), steps=2, vision_steps=2, batch_size=2, threads=1, warmup=1)
+    loop.train(config)
+    trained = tokenomy.load(str(tmp_path / "run" / "model")).model
+    # same seed and tokenizer: only the vision tower and its merger may differ
+    fresh, _ = build("qwen", PreTrainedTokenizerFast.from_pretrained(tmp_path / "run" / "tokenizer"), seed=config.seed)
+    fresh_state, trained_state = fresh.state_dict(), trained.state_dict()
+    changed = {key for key in fresh_state if not torch.equal(fresh_state[key], trained_state[key])}
+    assert changed and all(key.startswith("model.visual.") for key in changed)
+    losses = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [entry["loss"] for entry in losses] == [0, 0] and all(entry["probe_loss"] > 0 for entry in losses)

@@ -146,7 +146,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             record = dict(step=step, loss=round(loss.item(), 5), probe_loss=round(probe_loss.item(), 5), lr=scheduler.get_last_lr()[0], seconds=round(time.time() - began, 1))
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", probe=f"{probe_loss.item():.4f}")
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 _save_checkpoint(checkpoint_path, model, probe, optimizer, scheduler, step + 1, config)
     if probe is not None:
