@@ -1,4 +1,6 @@
 """FlexTok encoder loader: a tiny model.safetensors in the official layout, with the Hydra config in its metadata."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +130,185 @@ def test_flextok_bad_checkpoints_name_the_culprit(tmp_path):
         load_flextok_encoder(write(tmp_path / "odd.safetensors", state, odd), vae_config=TINY_VAE)
     with pytest.raises(ModelLoadError, match="EPFL-VILAB/flextok_d18_d28_dfn.*hub id"):
         load_flextok_encoder("EPFL-VILAB/flextok_d18_d28_dfn")
+
+
+# ---- the rectified-flow decoder (module layout of the official classes; synthetic config, no released one read) ----
+from tokenomy.tokenizers.flextok_official_decoder import load_flextok  # noqa: E402
+
+DEC_DEPTH, FREQS, GRID = 2, 16, 4  # decoder depth, time-embedding frequencies, posemb table side (latent 8 -> 4 patches)
+
+
+def full_flextok_config(**overrides):
+    """Encoder as above plus a decoder module_dict in the order and with the keys the official wrapper expects."""
+    t = "flextok.model."
+    config = flextok_config()
+    config["regularizer"].update(quants_write_key="quants", tokens_write_key="tokens")
+    config["pipeline"] = {"_target_": "flextok.flow_matching.pipelines.MinRFPipeline", "_partial_": True,
+                          "target_sizes_read_key": "vae_image_sizes", "latents_read_key": "quants", "timesteps_read_key": "timesteps",
+                          "noised_images_read_key": "noised_images", "reconst_write_key": "velocity", "out_channels": C}
+    modules = {
+        "dec_from_latents": {"_target_": t + "preprocessors.linear.LinearLayer", "read_key": "quants", "write_key": "dec_quants", "dim_in": len(LEVELS), "dim": DIM},
+        "dec_registers_posemb_module": {"_target_": t + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_quants", "write_key": "dec_quants",
+                                        "dim": DIM, "max_sizes": [REGISTERS], "posemb_type": "learnable_sum", "posemb_scaling": "absolute"},
+        "dec_nested_dropout": {"_target_": t + "preprocessors.token_dropout.MaskedNestedDropout", "read_write_key": "dec_quants", "dim": DIM,
+                               "eval_keep_k_read_key": "eval_keep_k", "train_keep_k_write_key": "train_keep_k", "size_sampling_mode": "pow2"},
+        "dec_latent_dropout": {"_target_": t + "preprocessors.nullcond.LearnedNullCond", "read_write_key": "dec_quants", "dim": DIM, "dropout_prob": 0.2},
+        "dec_noise_channels_to_last": {"_target_": t + "utils.dict_ops.PerSampleOp", "read_key": "noised_images", "write_key": "dec_noised_last",
+                                       "per_sample_op": {"_target_": t + "utils.dict_ops.channels_first_to_last", "_partial_": True}},
+        "dec_noise_patch_emb": {"_target_": t + "preprocessors.patching.PatchEmbedder", "input_tensor_list_read_key": "dec_noised_last",
+                                "patches_list_write_key": "dec_patches", "n_patches_write_key": "dec_n_patches", "patch_sizes": [P, P],
+                                "channels_in": C, "dim": DIM, "flatten_patches": False},
+        "dec_patches_posemb_module": {"_target_": t + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_patches", "write_key": "dec_patches",
+                                      "dim": DIM, "max_sizes": [GRID, GRID], "posemb_type": "sincos"},
+        "dec_seq_packer": {"_target_": t + "preprocessors.flex_seq_packing.BlockWiseSequencePacker", "input_list_read_keys": ["dec_patches", "dec_quants"],
+                           "packed_seq_write_key": "dec_packed", "block_mask_write_key": "dec_mask", "inner_packed_shapes_write_key": "dec_ps_inner",
+                           "outer_packed_shapes_write_key": "dec_ps_outer", "mask_mode": "full", "pad_to_multiple": 128,
+                           "emb_packing_fn_write_key": "dec_emb_fn", "per_subseq_embs": True},
+        "dec_time_embedder": {"_target_": t + "preprocessors.time_embedding.TimestepEmbedder", "timesteps_read_key": "timesteps",
+                              "time_embedding_write_key": "dec_temb", "dim": DIM, "frequency_embedding_size": FREQS, "max_timestep": 1.0},
+        "dec_transformer": {"_target_": t + "trunks.transformers.FlexTransformer", "input_seq_read_key": "dec_packed", "output_seq_write_key": "dec_out",
+                            "dim": DIM, "depth": DEC_DEPTH, "head_dim": HEAD_DIM, "block_mask_read_key": "dec_mask", "adaLN_emb_read_key": "dec_temb",
+                            "adaLN_packing_fn_read_key": "dec_emb_fn", "adaLN_expansion": 2, "use_act_checkpoint": True},
+        "dec_unpacker": {"_target_": t + "postprocessors.seq_unpacking.SequenceUnpacker", "packed_seq_read_key": "dec_out",
+                         "inner_seq_write_keys": ["dec_patches_out", "dec_registers_out"], "inner_packed_shapes_read_key": "dec_ps_inner",
+                         "outer_packed_shapes_read_key": "dec_ps_outer"},
+        "dec_to_patches": {"_target_": t + "postprocessors.heads.ToPatchesLinearHead", "read_key": "dec_patches_out", "write_key": "dec_velocity_last",
+                           "dim": DIM, "channels_out": C, "patch_sizes": [P, P], "use_mup_readout": False, "adaLN_emb_read_key": "dec_temb"},
+        "dec_channels_to_first": {"_target_": t + "utils.dict_ops.PerSampleOp", "read_key": "dec_velocity_last", "write_key": "velocity",
+                                  "per_sample_op": {"_target_": t + "utils.dict_ops.channels_last_to_first", "_partial_": True}},
+    }
+    config["decoder"] = {"_target_": t + "utils.wrappers.SequentialModuleDictWrapper", "module_dict": modules}
+    for name, changes in overrides.items():
+        modules[name] = {**modules.get(name, {}), **changes}
+    return config
+
+
+def official_full_state(seed=0):
+    """Encoder state as above plus the decoder keys the official classes register (activation-checkpoint prefix kept)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3
+    state = {k: v for k, v in official_state(seed).items() if not k.startswith("decoder.")}
+    d = "decoder.module_dict."
+    hidden = int(2 * 4 * DIM / 3)
+    state.update({d + "dec_from_latents.proj.weight": r(DIM, len(LEVELS)), d + "dec_from_latents.proj.bias": r(DIM),
+                  d + "dec_registers_posemb_module.posembs": r(1, 1, DIM, REGISTERS),
+                  d + "dec_nested_dropout.dropout_mask_token": r(DIM), d + "dec_latent_dropout.nullcond": r(DIM),
+                  d + "dec_noise_patch_emb.patch_proj.weight": r(DIM, C * P * P), d + "dec_noise_patch_emb.patch_proj.bias": r(DIM),
+                  d + "dec_patches_posemb_module.posembs": r(1, DIM, GRID, GRID),
+                  d + "dec_time_embedder.mlp.0.weight": r(DIM, FREQS), d + "dec_time_embedder.mlp.0.bias": r(DIM),
+                  d + "dec_time_embedder.mlp.2.weight": r(DIM, DIM), d + "dec_time_embedder.mlp.2.bias": r(DIM),
+                  d + "dec_to_patches.adaLN_modulation.1.weight": r(2 * DIM, DIM), d + "dec_to_patches.adaLN_modulation.1.bias": r(2 * DIM),
+                  d + "dec_to_patches.proj.weight": r(C * P * P, DIM), d + "dec_to_patches.proj.bias": r(C * P * P)})
+    for i in range(DEC_DEPTH):
+        b = f"{d}dec_transformer.blocks.{i}._checkpoint_wrapped_module."
+        state.update({b + f"attn.{p}.weight": r(DIM, DIM) for p in ("wq", "wk", "wv", "proj")})
+        state.update({b + "mlp.fc1.weight": r(hidden, DIM), b + "mlp.fc3.weight": r(hidden, DIM), b + "mlp.fc2.weight": r(DIM, hidden)})
+        state.update({b + "adaLN_modulation.1.weight": r(2 * 6 * DIM, DIM), b + "adaLN_modulation.1.bias": r(2 * 6 * DIM)})
+    return state
+
+
+def reference_velocity(state, noised, t, codes, keep_k, null):
+    """One hand-written velocity evaluation of the synthetic decoder, sample by sample, straight from official keys."""
+    d = "decoder.module_dict."
+    s = lambda key: state[d + key]
+    out = []
+    for x, time, code, keep, drop in zip(noised, t, codes, keep_k, null):
+        regs = F.linear(code, s("dec_from_latents.proj.weight"), s("dec_from_latents.proj.bias"))
+        regs = regs + s("dec_registers_posemb_module.posembs")[0, 0].T
+        regs = torch.cat([regs[:keep], s("dec_nested_dropout.dropout_mask_token").expand(REGISTERS - keep, DIM)])
+        if drop:
+            regs = s("dec_latent_dropout.nullcond").expand(REGISTERS, DIM)
+        h, w = x.shape[1] // P, x.shape[2] // P
+        patches = torch.stack([torch.stack([x[:, P * i:P * i + P, P * j:P * j + P].permute(1, 2, 0).reshape(-1) for j in range(w)]) for i in range(h)])
+        patches = F.linear(patches, s("dec_noise_patch_emb.patch_proj.weight"), s("dec_noise_patch_emb.patch_proj.bias"))
+        patches = patches + s("dec_patches_posemb_module.posembs")[0, :, :h, :w].permute(1, 2, 0)
+        seq = torch.cat([patches.reshape(h * w, DIM), regs])
+        freqs = torch.exp(-math.log(256) * torch.arange(FREQS // 2) / (FREQS // 2)) * 1000.0
+        temb = torch.cat([torch.cos(time * freqs), torch.sin(time * freqs)])
+        temb = F.linear(F.silu(F.linear(temb, s("dec_time_embedder.mlp.0.weight"), s("dec_time_embedder.mlp.0.bias"))),
+                        s("dec_time_embedder.mlp.2.weight"), s("dec_time_embedder.mlp.2.bias"))
+        heads = DIM // HEAD_DIM
+        for i in range(DEC_DEPTH):
+            p = f"dec_transformer.blocks.{i}._checkpoint_wrapped_module."
+            mod = F.linear(F.silu(temb), s(p + "adaLN_modulation.1.weight"), s(p + "adaLN_modulation.1.bias")).view(2, 6 * DIM)
+            mod = torch.cat([mod[0].expand(h * w, -1), mod[1].expand(REGISTERS, -1)])  # patches, then registers
+            g_msa, g_mlp, sh_msa, sc_msa, sh_mlp, sc_mlp = mod.chunk(6, -1)
+            hn = F.layer_norm(seq, (DIM,)) * (1 + sc_msa) + sh_msa
+            q, k, v = (F.linear(hn, s(p + f"attn.{m}.weight")).view(-1, heads, HEAD_DIM).transpose(0, 1) for m in ("wq", "wk", "wv"))
+            q, k = F.layer_norm(q, (HEAD_DIM,)), F.layer_norm(k, (HEAD_DIM,))
+            attn = ((q @ k.transpose(-1, -2)) * 8.0 / HEAD_DIM).softmax(-1) @ v
+            seq = seq + g_msa * F.linear(attn.transpose(0, 1).reshape(-1, DIM), s(p + "attn.proj.weight"))
+            hn = F.layer_norm(seq, (DIM,)) * (1 + sc_mlp) + sh_mlp
+            seq = seq + g_mlp * F.linear(F.silu(F.linear(hn, s(p + "mlp.fc1.weight"))) * F.linear(hn, s(p + "mlp.fc3.weight")), s(p + "mlp.fc2.weight"))
+        shift, scale = F.linear(F.silu(temb), s("dec_to_patches.adaLN_modulation.1.weight"), s("dec_to_patches.adaLN_modulation.1.bias")).chunk(2)
+        y = F.linear(F.layer_norm(seq[: h * w], (DIM,)) * (1 + scale) + shift, s("dec_to_patches.proj.weight"), s("dec_to_patches.proj.bias"))
+        y = y.view(h, w, P, P, C).permute(4, 0, 2, 1, 3).reshape(C, h * P, w * P)
+        out.append(y)
+    return torch.stack(out)
+
+
+def test_flextok_decoder_loads_strictly_and_one_velocity_matches_reference(tmp_path):
+    state = official_full_state()
+    write(tmp_path / "model.safetensors", state, full_flextok_config())
+    model = load_flextok(tmp_path, vae_config=TINY_VAE)
+    ours = model.state_dict()
+    for key, value in state.items():  # every saved tensor, encoder and decoder, landed unchanged
+        mapped = key.replace("_checkpoint_wrapped_module.", "").replace("vae.vae.", "vae.", 1)
+        if mapped.startswith("decoder."):
+            assert torch.equal(ours[mapped], value), key
+    assert torch.equal(ours["blocks.0.wq.weight"], state["encoder.module_dict.enc_transformer.blocks.0.attn.wq.weight"])
+    g = torch.Generator().manual_seed(4)
+    noised, t = torch.randn(3, C, 8, 8, generator=g), torch.tensor([1.0, 0.5, 0.25])
+    codes = model.fsq.ids_to_codes(torch.randint(0, 8 * 5 * 5 * 5, (3, REGISTERS), generator=g))
+    keep_k, null = [2, REGISTERS, 1], [False, False, True]
+    got = model.decoder.velocity(noised, t, codes, keep_k, null)
+    torch.testing.assert_close(got, reference_velocity(state, noised, t, codes, keep_k, null), rtol=1e-4, atol=1e-4)
+    # the nested-dropout slots really are replaced: changing a dropped code changes nothing, a kept one does
+    later, earlier = codes.clone(), codes.clone()
+    later[0, 3], earlier[0, 0] = -later[0, 3], -earlier[0, 0]
+    assert torch.equal(model.decoder.velocity(noised, t, later, keep_k, null)[0], got[0])
+    assert not torch.allclose(model.decoder.velocity(noised, t, earlier, keep_k, null)[0], got[0])
+
+
+def test_flextok_decode_prefix_runs_euler_and_vae(tmp_path):
+    write(tmp_path / "model.safetensors", official_full_state(), full_flextok_config())
+    model = load_flextok(tmp_path / "model.safetensors", vae_config=TINY_VAE)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    ids = model.encode(images)
+    noise = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(6))
+    for k in (1, 3, REGISTERS):
+        out = model.decode(ids[:, :k], steps=2, latent_size=8, noise=noise)
+        assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    # one Euler step from t = 1 is x - v(x, 1), then the VAE decoder on the unscaled latents
+    codes = model.fsq.ids_to_codes(F.pad(ids[:, :3], (0, REGISTERS - 3)))
+    latents = noise - model.decoder.velocity(noise, torch.ones(2), codes, [3, 3])
+    torch.testing.assert_close(model.decode(ids[:, :3], steps=1, latent_size=8, noise=noise),
+                               model.vae.decode(latents / 0.7).sample, rtol=1e-4, atol=1e-4)
+    # guidance: plain CFG is uncond + w (cond - uncond) on the same noise; APG runs and differs from it
+    uncond = model.decoder.velocity(noise, torch.ones(2), codes, [3, 3], [True, True])
+    cond = noise - latents
+    cfg = model.decode(ids[:, :3], steps=1, cfg=3.0, latent_size=8, noise=noise)
+    torch.testing.assert_close(cfg, model.vae.decode((noise - (uncond + 3.0 * (cond - uncond))) / 0.7).sample, rtol=1e-4, atol=1e-4)
+    apg = model.decode(ids[:, :3], steps=2, cfg=3.0, perform_norm_guidance=True, latent_size=8, noise=noise)
+    assert apg.shape == cfg.shape and torch.isfinite(apg).all()
+    drawn = model.decode(ids[:, :2], steps=2, latent_size=(8, 4), generator=torch.Generator().manual_seed(0))
+    assert drawn.shape == (2, 3, 16, 8)
+
+
+def test_flextok_decoder_bad_checkpoints_name_the_culprit(tmp_path):
+    state = official_full_state()
+    gone = "decoder.module_dict.dec_transformer.blocks.1._checkpoint_wrapped_module.adaLN_modulation.1.bias"
+    with pytest.raises(ModelLoadError, match="missing keys.*dec_transformer.blocks.1.adaLN_modulation.1.bias"):
+        load_flextok(write(tmp_path / "missing.safetensors", {k: v for k, v in state.items() if k != gone}, full_flextok_config()), vae_config=TINY_VAE)
+    odd = full_flextok_config(dec_repa_head={"_target_": "flextok.model.postprocessors.heads.MLPHead", "dim": DIM})
+    with pytest.raises(ModelLoadError, match=r"dec_repa_head: class 'flextok.model.postprocessors.heads.MLPHead' is not ported"):
+        load_flextok(write(tmp_path / "odd.safetensors", state, odd), vae_config=TINY_VAE)
+    rope = full_flextok_config(dec_transformer={"rope_forward_read_key": "dec_rope"})
+    with pytest.raises(ModelLoadError, match=r"dec_transformer \(FlexTransformer\): rope_forward_read_key is not ported"):
+        load_flextok(write(tmp_path / "rope.safetensors", state, rope), vae_config=TINY_VAE)
+    extra = full_flextok_config(dec_time_embedder={"learn_sigma": True})
+    with pytest.raises(ModelLoadError, match=r"dec_time_embedder \(TimestepEmbedder\): options \['learn_sigma'\] are not ported"):
+        load_flextok(write(tmp_path / "extra.safetensors", state, extra), vae_config=TINY_VAE)
+    with pytest.raises(ModelLoadError, match="unexpected keys.*dec_stray"):
+        load_flextok(write(tmp_path / "stray.safetensors", {**state, "decoder.module_dict.dec_stray.weight": torch.zeros(2)},
+                           full_flextok_config()), vae_config=TINY_VAE)
