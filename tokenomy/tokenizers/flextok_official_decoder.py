@@ -45,6 +45,11 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1.0 + scale) + shift
 
 
+def _target_name(spec) -> str:
+    """Class or function name of a Hydra `_target_` given as a dict or as a dotted string."""
+    return _class_name(spec) if isinstance(spec, dict) else str(spec or "").rsplit(".", 1)[-1]
+
+
 def _refuse(name: str, kind: str, why: str):
     raise ModelLoadError(f"FlexTok decoder module {name} ({kind}): {why}")
 
@@ -58,12 +63,12 @@ def _check_options(name: str, kind: str, module: dict, known: set[str]):
 def _check_norm(name: str, kind: str, norm, allow_none: bool = False):
     if norm is None and allow_none:
         return
-    if not isinstance(norm, dict) or _class_name(norm) != _DEFAULT_NORM or norm.get("elementwise_affine", True) or norm.get("bias", True):
+    if not isinstance(norm, dict) or _target_name(norm) != _DEFAULT_NORM or norm.get("elementwise_affine", True) or norm.get("bias", True):
         _refuse(name, kind, f"norm_layer {norm!r} is not ported (only Fp32LayerNorm without affine parameters)")
 
 
 def _check_silu(name: str, kind: str, act):
-    if _class_name(act) != "SiLU":
+    if _target_name(act) != "SiLU":
         _refuse(name, kind, f"act_layer {act!r} is not ported (only SiLU)")
 
 
@@ -219,6 +224,9 @@ class BlockWiseSequencePacker(nn.Module):
         def expand(emb: torch.Tensor) -> torch.Tensor:
             if not self.per_subseq:
                 return emb.unsqueeze(1).expand(-1, int(counts.sum()), -1)
+            if emb.shape[1] % len(lengths):
+                raise ModelLoadError(f"FlexTok decoder: adaLN embedding of width {emb.shape[1]} cannot be split over "
+                                     f"{len(lengths)} packed sequences (adaLN_expansion must equal their number)")
             chunks = emb.view(emb.shape[0], len(lengths), -1)
             return chunks.repeat_interleave(counts.to(emb.device), dim=1)
         return expand
@@ -308,7 +316,7 @@ class FlexTransformer(nn.Module):
     def forward(self, d: dict) -> dict:
         x, mask = d[self.read_key], d.get(self.mask_key) if self.mask_key else None
         emb = d[self.emb_key] if self.emb_key else None
-        expand = d[self.expand_key] if self.expand_key else (lambda e: e.unsqueeze(1))
+        expand = d[self.expand_key] if self.expand_key else None
         for block in self.blocks:
             x = block(x, mask, emb, expand)
         d[self.write_key] = x
@@ -408,7 +416,7 @@ def build_decoder_module(name: str, c: dict) -> nn.Module:
             _refuse(name, kind, "replace_with_single_token=True is not ported")
         return NullCond(c, learned=kind == "LearnedNullCond")
     if kind == "PerSampleOp":
-        op = _class_name(c.get("per_sample_op") or {})
+        op = _target_name(c.get("per_sample_op"))
         if op not in ("channels_first_to_last", "channels_last_to_first"):
             _refuse(name, kind, f"per_sample_op {c.get('per_sample_op')!r} is not ported")
         return PerSampleOp(c, to_last=op == "channels_first_to_last")
@@ -424,6 +432,8 @@ def build_decoder_module(name: str, c: dict) -> nn.Module:
         for option in ("score_mod_read_key", "rope_forward_read_key"):
             if c.get(option) is not None:
                 _refuse(name, kind, f"{option} is not ported")
+        if c.get("adaLN_emb_read_key") is not None and c.get("adaLN_packing_fn_read_key") is None:
+            _refuse(name, kind, "adaLN_emb_read_key needs adaLN_packing_fn_read_key (the official block calls it unconditionally)")
         if "act_layer" in c:
             _check_silu(name, kind, c["act_layer"])
         if "norm_layer" in c:
