@@ -7,7 +7,8 @@ diffusers AutoencoderKL (posterior mode or sample, times `scaling_factor`) -> ch
 -> `Registers1D` (the first n learned registers) -> `BlockWiseSequencePacker` with the `causal_last` mask (patches
 see all patches; register i sees all patches and registers <= i) -> `FlexTransformer` (pre-LN blocks without affine
 norms, QK-LayerNorm, attention scale 8/head_dim, SiLU-gated MLP) -> registers -> `LinearHead` (LayerNorm, linear) ->
-FSQ. The rectified-flow decoder is not ported: its `decoder.*` weights are skipped by the loader.
+FSQ. The rectified-flow decoder is in `flextok_official_decoder` (`load_flextok` loads both halves); this encoder
+loader skips the `decoder.*` weights.
 
 `load_flextok_encoder` reads `model.safetensors` (local path only).
 """
