@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tokenomy.errors import ModelLoadError
+from tokenomy.errors import InputError, ModelLoadError
 from tokenomy.tokenizers.flextok_official import load_flextok_encoder
 
 TINY_VAE = {"block_out_channels": [32, 32], "down_block_types": ["DownEncoderBlock2D"] * 2,
@@ -310,6 +310,10 @@ def test_flextok_decode_prefix_runs_euler_and_vae(tmp_path):
     torch.testing.assert_close(apg, model.vae.decode(x / 0.7).sample, rtol=1e-4, atol=1e-4)
     drawn = model.decode(ids[:, :2], steps=2, latent_size=(8, 4), generator=torch.Generator().manual_seed(0))
     assert drawn.shape == (2, 3, 16, 8)
+    with pytest.raises(InputError, match="1 <= k <= 6"):
+        model.decode(ids.new_zeros(2, REGISTERS + 1), latent_size=8)
+    with pytest.raises(InputError, match="noise must have shape"):
+        model.decode(ids[:, :2], latent_size=4, noise=noise)
 
 
 def test_flextok_decoder_bad_checkpoints_name_the_culprit(tmp_path):
@@ -326,6 +330,9 @@ def test_flextok_decoder_bad_checkpoints_name_the_culprit(tmp_path):
     extra = full_flextok_config(dec_time_embedder={"learn_sigma": True})
     with pytest.raises(ModelLoadError, match=r"dec_time_embedder \(TimestepEmbedder\): options \['learn_sigma'\] are not ported"):
         load_flextok(write(tmp_path / "extra.safetensors", state, extra), vae_config=TINY_VAE)
+    bad = {**state, "decoder.module_dict.dec_nested_dropout.dropout_mask_token": torch.zeros(DIM + 1)}
+    with pytest.raises(ModelLoadError, match="shape mismatch for.*dec_nested_dropout.dropout_mask_token"):
+        load_flextok(write(tmp_path / "shape.safetensors", bad, full_flextok_config()), vae_config=TINY_VAE)
     with pytest.raises(ModelLoadError, match="unexpected keys.*dec_stray"):
         load_flextok(write(tmp_path / "stray.safetensors", {**state, "decoder.module_dict.dec_stray.weight": torch.zeros(2)},
                            full_flextok_config()), vae_config=TINY_VAE)

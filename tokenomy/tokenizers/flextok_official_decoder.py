@@ -408,7 +408,8 @@ def build_decoder_module(name: str, c: dict) -> nn.Module:
                              f"(known: {sorted(_OPTIONS)})")
     _check_options(name, kind, c, _OPTIONS[kind])
     if kind == "PositionalEmbeddingAdder":
-        if c.get("posemb_type", "sincos") not in ("sincos", "learnable_sum", "learnable_prod") or c.get("posemb_scaling", "absolute") not in ("absolute", "interpolate"):
+        kind_ok = c.get("posemb_type", "sincos") in ("sincos", "learnable_sum", "learnable_prod")
+        if not kind_ok or c.get("posemb_scaling", "absolute") not in ("absolute", "interpolate"):
             _refuse(name, kind, f"posemb_type {c.get('posemb_type')!r} / posemb_scaling {c.get('posemb_scaling')!r} not ported")
         return PositionalEmbeddingAdder(c)
     if kind in ("ZeroNullCond", "LearnedNullCond"):
@@ -523,7 +524,10 @@ class FlexTok(FlexTokEncoder):
         codes = self.fsq.ids_to_codes(F.pad(ids, (0, self.registers.shape[0] - keep))).to(self.registers.dtype)
         height, width = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
         device = self.registers.device
-        x = noise.to(device) if noise is not None else torch.randn(batch, self.decoder.out_channels, height, width, generator=generator, device=device)
+        shape = (batch, self.decoder.out_channels, height, width)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise InputError(f"FlexTok decode: noise must have shape {shape} (ids batch, latent channels, latent_size), got {tuple(noise.shape)}")
+        x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
         guided = cfg != 1.0
         if guided and not self.decoder.has_null_condition:
             raise InputError("this FlexTok decoder has no null-condition module: decode with cfg=1.0")
