@@ -39,7 +39,7 @@ class TrainConfig:
     vocab_size: int = 512
     probe_weight: float = 1.0  # visual-token probe loss (synthvqa only; see tokenomy.train.probe); 0 turns it off
     # The first `vision_steps` of `steps` train the vision tower and projector through the probe alone (synthvqa
-    # only): a step without the LLM is several times cheaper, and the LLM learns nothing from the image until the
+    # only): a step without the LLM costs about half (measured on ref-llava), and the LLM learns nothing from the image until the
     # tokens tell shapes and words apart.
     vision_steps: int = 0
 

@@ -61,10 +61,9 @@ def sincos_2d(grid: int, dim: int, base: float = 100.0) -> torch.Tensor:
 
 
 def _init_clip_positions(model) -> None:
-    """Start CLIP's learned position embeddings from 2D sine-cosine codes (MAE's fixed choice, here only the init).
-
-    From a random init the ViT takes many hundreds of steps to learn that neighbouring patches belong together;
-    with this init its attention can be local from the first step, and shape recognition starts at once.
+    """Start CLIP's learned position embeddings from 2D sine-cosine codes (MAE's fixed choice, here only the init),
+    so neighbouring patches start with similar codes instead of unrelated random ones. In a 300-step vision-only
+    comparison it made no measurable difference to the shape probe (27% vs 29%); it is kept as the better prior.
     """
     table = model.model.vision_tower.embeddings.position_embedding.weight
     grid = math.isqrt(table.shape[0] - 1)
