@@ -166,3 +166,38 @@ def test_vision_steps_train_the_vision_side_only(tmp_path):
     assert changed and all(key.startswith("model.visual.") for key in changed)
     losses = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [entry["loss"] for entry in losses] == [0, 0] and all(entry["probe_loss"] > 0 for entry in losses)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen"])
+def test_grown_llm_starts_as_the_shallow_model(arch, tmp_path):
+    from tokenomy.errors import InputError
+    from tokenomy.train.models import grow_llm
+
+    tokenizer = train_tokenizer(SynthVQATrain().texts(arch, limit=50), arch)
+    shallow, processor = build(arch, tokenizer, seed=1, llm_layers=2)
+    deep, _ = build(arch, tokenizer, seed=2, llm_layers=5)
+    assert grow_llm(deep, shallow.state_dict()) == [1, 3, 4]
+    batch = collate([encode(arch, processor, SynthVQATrain()[i]) for i in range(2)], tokenizer.pad_token_id,
+                    shallow.config.image_token_id)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        assert torch.allclose(shallow.eval()(**inputs).logits, deep.eval()(**inputs).logits, atol=1e-5)
+    # the new layers are not dead: one training step moves their output projections off zero
+    loop.answer_loss(deep.train(), batch).backward()
+    assert deep.model.language_model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(InputError, match="cannot grow an LLM of 5 layers into one of 2"):
+        grow_llm(shallow, deep.state_dict())
+
+
+def test_train_grows_from_a_shallower_run(tmp_path):
+    common = dict(arch="llava", batch_size=2, threads=1, warmup=1)
+    loop.train(loop.TrainConfig(out_dir=str(tmp_path / "shallow"), steps=1, llm_layers=2, **common))
+    loop.train(loop.TrainConfig(out_dir=str(tmp_path / "deep"), steps=1, llm_layers=3, grow_from=str(tmp_path / "shallow"), **common))
+    deep = tokenomy.load(str(tmp_path / "deep" / "model")).model
+    shallow = tokenomy.load(str(tmp_path / "shallow" / "model")).model
+    assert deep.config.text_config.num_hidden_layers == 3
+    # after one step from the shallow weights (lr warmup 1), the carried layer 0 is close to, not equal to, its source
+    carried, source = (m.model.language_model.layers[0].mlp.up_proj.weight for m in (deep, shallow))
+    assert not torch.equal(carried, source) and (carried - source).abs().max() < 0.05
+    with pytest.raises(tokenomy.errors.InputError, match="no checkpoint.pt"):
+        loop.train(loop.TrainConfig(out_dir=str(tmp_path / "bad"), steps=1, grow_from=str(tmp_path / "nowhere"), **common))

@@ -29,6 +29,10 @@ def add_parser(subparsers):
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary of the tokenizer")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--llm-layers", type=int, default=defaults.llm_layers, help="decoder layers of the language model")
+    parser.add_argument("--grow-from", default=None,
+                        help="start from this run folder's checkpoint (fewer LLM layers, same arch): its layers are spread "
+                             "over --llm-layers and the new ones start as the identity")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=50,
                         help="after training on synthvqa, score this many val scenes (7 questions each); 0 skips")
@@ -41,7 +45,7 @@ def run(args):
     config = TrainConfig(
         arch=args.arch, out_dir=args.out or str(Path("runs") / f"ref-{args.arch}"), data=args.data, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, save_every=args.save_every, threads=args.threads,
-        vision_steps=args.vision_steps,
+        vision_steps=args.vision_steps, llm_layers=args.llm_layers, grow_from=args.grow_from,
         seed=args.seed, vocab_size=args.vocab_size,
     )
     folder = train(config, resume=args.resume)

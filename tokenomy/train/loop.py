@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tokenomy.errors import InputError
 from tokenomy.train.data import IGNORE, JsonlConversations, SynthVQATrain, collate, encode
-from tokenomy.train.models import ARCHES, build, train_tokenizer
+from tokenomy.train.models import ARCHES, LLM_SIZE, build, grow_llm, train_tokenizer
 from tokenomy.train.probe import VisualTokenProbe, probe_grid
 
 
@@ -42,6 +42,10 @@ class TrainConfig:
     # only): a step without the LLM costs about half (measured on ref-llava), and the LLM learns nothing from the image until the
     # tokens tell shapes and words apart.
     vision_steps: int = 0
+    llm_layers: int = LLM_SIZE["num_hidden_layers"]
+    # A run folder (or its checkpoint.pt) with fewer LLM layers to start from: its weights, probe and tokenizer are
+    # taken over and the extra layers start as the identity (see models.grow_llm).
+    grow_from: str | None = None
 
 
 def answer_loss(model, batch) -> torch.Tensor:
@@ -72,11 +76,22 @@ def _tokenizer(config: TrainConfig, dataset, out: Path):
     from transformers import PreTrainedTokenizerFast
 
     folder = out / "tokenizer"
+    if config.grow_from and not (folder / "tokenizer.json").is_file():
+        # The grown model keeps the shallow one's embeddings, so it must keep its tokenizer too.
+        folder = _grow_source(config).parent / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     tokenizer = train_tokenizer(dataset.texts(config.arch), config.arch, config.vocab_size)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def _grow_source(config: TrainConfig) -> Path:
+    path = Path(config.grow_from)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise InputError(f"--grow-from {config.grow_from}: no checkpoint.pt there")
+    return path
 
 
 def _save_checkpoint(path: Path, model, probe, optimizer, scheduler, step: int, config: TrainConfig):
@@ -102,7 +117,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     dataset = JsonlConversations(config.data) if config.data else SynthVQATrain()
     tokenizer = _tokenizer(config, dataset, out)
-    model, processor = build(config.arch, tokenizer, seed=config.seed)
+    model, processor = build(config.arch, tokenizer, seed=config.seed, llm_layers=config.llm_layers)
     # Scenes are known only for synthvqa: the probe needs them (a user's vqa-jsonl trains on answers alone).
     probe = VisualTokenProbe(model) if isinstance(dataset, SynthVQATrain) and config.probe_weight > 0 else None
     grid = probe_grid(model) if probe is not None else None
@@ -112,6 +127,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0
+    if config.grow_from and not (resume and checkpoint_path.exists()):
+        shallow = torch.load(_grow_source(config), weights_only=True)
+        grow_llm(model, shallow["model"])
+        if probe is not None and "probe" in shallow:
+            probe.load_state_dict(shallow["probe"])
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)
         model.load_state_dict(state["model"])

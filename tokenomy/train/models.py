@@ -7,12 +7,13 @@ accuracy this reaches).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from tokenomy.errors import UnknownNameError
+from tokenomy.errors import InputError, UnknownNameError
 from tokenomy.vlm.tiny import LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS
 
 IMAGE_SIZE = 128
@@ -47,9 +48,10 @@ def _text_ids(tokenizer) -> dict:
     return dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def _text_config(model_type: str, tokenizer, **extra) -> dict:
+def _text_config(model_type: str, tokenizer, llm_layers: int, **extra) -> dict:
+    size = dict(LLM_SIZE, num_hidden_layers=llm_layers)
     return dict(model_type=model_type, vocab_size=len(tokenizer), max_position_embeddings=2048,
-                tie_word_embeddings=True, **LLM_SIZE, **_text_ids(tokenizer), **extra)
+                tie_word_embeddings=True, **size, **_text_ids(tokenizer), **extra)
 
 
 def sincos_2d(grid: int, dim: int, base: float = 100.0) -> torch.Tensor:
@@ -72,7 +74,7 @@ def _init_clip_positions(model) -> None:
         table[1:] = sincos_2d(grid, table.shape[1])
 
 
-def build_llava(tokenizer, seed: int = 0):
+def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
     """CLIP ViT (with CLS) + 2-layer MLP projector + Llama, exactly LlavaForConditionalGeneration."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -80,7 +82,7 @@ def build_llava(tokenizer, seed: int = 0):
     tokens_per_image = (IMAGE_SIZE // PATCH_SIZE) ** 2
     # The last ViT layer feeds the projector (-1): a layer -2 feature would leave the last layer untrained here.
     config = LlavaConfig(
-        vision_config=vision, text_config=_text_config("llama", tokenizer),
+        vision_config=vision, text_config=_text_config("llama", tokenizer, llm_layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=tokens_per_image,
         vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True, **_text_ids(tokenizer),
     )
@@ -98,7 +100,7 @@ def build_llava(tokenizer, seed: int = 0):
     return model, processor
 
 
-def build_qwen(tokenizer, seed: int = 0):
+def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
     """Qwen2-VL: ViT without CLS, 2x2 patch merger into the LLM, M-RoPE; Qwen2VLForConditionalGeneration."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
@@ -108,7 +110,7 @@ def build_qwen(tokenizer, seed: int = 0):
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}
     convert = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        text_config=_text_config("qwen2_vl_text", tokenizer, rope_parameters=rope),
+        text_config=_text_config("qwen2_vl_text", tokenizer, llm_layers, rope_parameters=rope),
         vision_config=dict(depth=VISION_SIZE["num_hidden_layers"], embed_dim=VISION_SIZE["hidden_size"],
                            hidden_size=LLM_SIZE["hidden_size"], num_heads=VISION_SIZE["num_attention_heads"],
                            mlp_ratio=VISION_SIZE["intermediate_size"] // VISION_SIZE["hidden_size"], patch_size=PATCH_SIZE,
@@ -131,10 +133,39 @@ def build_qwen(tokenizer, seed: int = 0):
 BUILDERS = {"llava": build_llava, "qwen": build_qwen}
 
 
-def build(arch: str, tokenizer, seed: int = 0):
+def build(arch: str, tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
     if arch not in BUILDERS:
         raise UnknownNameError("reference architecture", arch, BUILDERS)
-    model, processor = BUILDERS[arch](tokenizer, seed)
+    model, processor = BUILDERS[arch](tokenizer, seed, llm_layers)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
+
+
+_LLM_LAYER = re.compile(r"^(model\.language_model\.layers\.)(\d+)(\..*)$")
+
+
+def grow_llm(model, shallow_state: dict) -> list[int]:
+    """Load a trained model with fewer LLM layers into `model`, spreading its layers evenly over the deeper stack;
+    every layer without a trained source starts as the identity (attention and MLP output projections zero), so the
+    grown model computes exactly what the shallow one did and training goes on from there. Returns the new layers'
+    indices."""
+    old_layers = 1 + max((int(m.group(2)) for m in map(_LLM_LAYER.match, shallow_state) if m), default=-1)
+    new_layers = model.config.text_config.num_hidden_layers
+    if not 0 < old_layers <= new_layers:
+        raise InputError(f"cannot grow an LLM of {old_layers} layers into one of {new_layers}")
+    placed = {old: old * new_layers // old_layers for old in range(old_layers)}
+    moved = {}
+    for key, value in shallow_state.items():
+        match = _LLM_LAYER.match(key)
+        moved[f"{match.group(1)}{placed[int(match.group(2))]}{match.group(3)}" if match else key] = value
+    fresh = sorted(set(range(new_layers)) - set(placed.values()))
+    layers = model.model.language_model.layers
+    with torch.no_grad():
+        for index in fresh:
+            layers[index].self_attn.o_proj.weight.zero_()
+            layers[index].mlp.down_proj.weight.zero_()
+            for name, value in layers[index].state_dict().items():
+                moved[f"model.language_model.layers.{index}.{name}"] = value.clone()
+    model.load_state_dict(moved)
+    return fresh
