@@ -196,6 +196,7 @@ def test_train_grows_from_a_shallower_run(tmp_path):
     deep = tokenomy.load(str(tmp_path / "deep" / "model")).model
     shallow = tokenomy.load(str(tmp_path / "shallow" / "model")).model
     assert deep.config.text_config.num_hidden_layers == 3
+    assert (tmp_path / "deep" / "tokenizer" / "tokenizer.json").read_text() == (tmp_path / "shallow" / "tokenizer" / "tokenizer.json").read_text()
     # after one step from the shallow weights (lr warmup 1), the carried layer 0 is close to, not equal to, its source
     carried, source = (m.model.language_model.layers[0].mlp.up_proj.weight for m in (deep, shallow))
     assert not torch.equal(carried, source) and (carried - source).abs().max() < 0.05

@@ -76,12 +76,13 @@ def _tokenizer(config: TrainConfig, dataset, out: Path):
     from transformers import PreTrainedTokenizerFast
 
     folder = out / "tokenizer"
-    if config.grow_from and not (folder / "tokenizer.json").is_file():
-        # The grown model keeps the shallow one's embeddings, so it must keep its tokenizer too.
-        folder = _grow_source(config).parent / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
-    tokenizer = train_tokenizer(dataset.texts(config.arch), config.arch, config.vocab_size)
+    if config.grow_from:
+        # The grown model keeps the shallow one's embeddings, so it keeps its tokenizer too.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(_grow_source(config).parent / "tokenizer", local_files_only=True)
+    else:
+        tokenizer = train_tokenizer(dataset.texts(config.arch), config.arch, config.vocab_size)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
