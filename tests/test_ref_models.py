@@ -37,16 +37,8 @@ def test_reference_model_reads_the_image(scored, subset):
     assert result["per_type"]["small"] >= 60.0, result  # a 6-8 px object, found among 256 (or 64) tokens
 
 
-# Shipped models known to miss the >= 80% subset target (strict: a better checkpoint turns its test red, so the
-# entry must then be removed).
-BELOW_TARGET = {"ref-llava": "the shipped ref-llava (3-layer LLM) scores 73.5% on this subset; see docs/reference-models.md"}
-
-
-def test_reference_model_meets_the_issue_target(scored, request):
-    name, _, result = scored
-    if name in BELOW_TARGET:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=BELOW_TARGET[name]))
-    assert result["overall"] >= 80.0, result
+def test_reference_model_meets_the_issue_target(scored):
+    assert scored[2]["overall"] >= 80.0, scored[2]
 
 
 def test_synthvqa_task_in_the_harness(tmp_path):
