@@ -187,6 +187,9 @@ def test_grown_llm_starts_as_the_shallow_model(arch, tmp_path):
     assert deep.model.language_model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
     with pytest.raises(InputError, match="cannot grow an LLM of 5 layers into one of 2"):
         grow_llm(shallow, deep.state_dict())
+    other_arch, _ = build("qwen" if arch == "llava" else "llava", tokenizer, llm_layers=2)
+    with pytest.raises(InputError, match="same --arch and sizes"):
+        grow_llm(deep, other_arch.state_dict())
 
 
 def test_train_grows_from_a_shallower_run(tmp_path):

@@ -167,5 +167,9 @@ def grow_llm(model, shallow_state: dict) -> list[int]:
             layers[index].mlp.down_proj.weight.zero_()
             for name, value in layers[index].state_dict().items():
                 moved[f"model.language_model.layers.{index}.{name}"] = value.clone()
-    model.load_state_dict(moved)
+    try:
+        model.load_state_dict(moved)
+    except RuntimeError as error:  # another architecture or width: name what does not fit instead of torch's dump
+        raise InputError(f"cannot grow this model from the given checkpoint: {str(error).splitlines()[0]} "
+                         f"(it must be the same --arch and sizes, with fewer LLM layers)") from error
     return fresh
