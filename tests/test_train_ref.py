@@ -91,6 +91,21 @@ def test_training_lowers_the_loss_and_resume_continues_the_curve(tmp_path, monke
     assert split == pytest.approx(whole, abs=1e-4)
 
 
+def test_batches_built_by_worker_processes_give_the_same_loss_curve(tmp_path):
+    config = dict(arch="qwen", steps=3, batch_size=2, lr=3e-3, warmup=1, save_every=3, threads=1)
+    loop.train(loop.TrainConfig(out_dir=str(tmp_path / "inline"), **config))
+    loop.train(loop.TrainConfig(out_dir=str(tmp_path / "workers"), workers=2, **config))
+    assert _losses(tmp_path / "workers") == pytest.approx(_losses(tmp_path / "inline"), abs=1e-5)
+
+
+def test_asking_for_a_gpu_that_is_not_there_is_an_input_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(tokenomy.errors.InputError, match="no CUDA GPU"):
+        loop.train(loop.TrainConfig(arch="llava", out_dir=str(tmp_path / "run"), device="cuda", steps=1))
+    with pytest.raises(tokenomy.errors.InputError, match="--device 'gpu'"):
+        loop.train(loop.TrainConfig(arch="llava", out_dir=str(tmp_path / "run"), device="gpu", steps=1))
+
+
 def test_train_ref_cli_on_user_vqa_jsonl(tmp_path):
     synthvqa.export_jsonl(tmp_path / "data", "val", num_scenes=4)
     (tmp_path / "data" / "val.jsonl").rename(tmp_path / "data" / "train.jsonl")

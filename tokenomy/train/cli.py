@@ -33,6 +33,9 @@ def add_parser(subparsers):
     parser.add_argument("--grow-from", default=None,
                         help="start from this run folder's checkpoint (fewer LLM layers, same arch): its layers are spread "
                              "over --llm-layers and the new ones start as the identity")
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto (the GPU when there is one)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="processes building the next batches while the model trains (use several on a GPU)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=50,
                         help="after training on synthvqa, score this many val scenes (7 questions each); 0 skips")
@@ -46,7 +49,8 @@ def run(args):
         arch=args.arch, out_dir=args.out or str(Path("runs") / f"ref-{args.arch}"), data=args.data, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, save_every=args.save_every, threads=args.threads,
         vision_steps=args.vision_steps, llm_layers=args.llm_layers, grow_from=args.grow_from,
-        seed=args.seed, vocab_size=args.vocab_size,
+        seed=args.seed, vocab_size=args.vocab_size, device=args.device,
+        workers=args.workers,
     )
     folder = train(config, resume=args.resume)
     print(f"model written to {folder}")

@@ -4,7 +4,8 @@
     with warmup + cosine decay -> a resumable checkpoint every `save_every` steps -> a transformers folder at the end.
 
 Batch `step` always holds conversations step*B .. step*B+B-1 of the data stream, so a resumed run continues the exact
-loss curve of an uninterrupted one.
+loss curve of an uninterrupted one, and worker processes (`workers`) that build batches ahead of the GPU build the same
+batches.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class TrainConfig:
     # A run folder (or its checkpoint.pt) with fewer LLM layers to start from: its weights, probe and tokenizer are
     # taken over and the extra layers start as the identity (see models.grow_llm).
     grow_from: str | None = None
+    device: str = "auto"  # "auto" takes the GPU when there is one
+    # Processes that build the next batches (render, tokenise, collate) while the model trains on this one: on a GPU
+    # the data, not the model, sets the pace. 0 builds them in the training process.
+    workers: int = 0
 
 
 def answer_loss(model, batch) -> torch.Tensor:
@@ -95,6 +100,39 @@ def _grow_source(config: TrainConfig) -> Path:
     return path
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Item `step` is batch `step` of the data stream, encoded and collated, whichever process builds it."""
+
+    def __init__(self, config: TrainConfig, dataset, processor, grid, pad_id: int, image_token_id: int):
+        self.config, self.dataset, self.processor, self.grid = config, dataset, processor, grid
+        self.pad_id, self.image_token_id = pad_id, image_token_id
+
+    def __len__(self):
+        return self.config.steps
+
+    def __getitem__(self, step: int) -> dict:
+        size = self.config.batch_size
+        conversations = [self.dataset[step * size + i] for i in range(size)]
+        encoded = [encode(self.config.arch, self.processor, c, self.grid) for c in conversations]
+        return collate(encoded, self.pad_id, self.image_token_id)
+
+
+def _one_thread_per_worker(_worker_id):
+    torch.set_num_threads(1)
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as error:
+        raise InputError(f"--device {config.device!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {config.device!r}: this machine has no CUDA GPU")
+    return device
+
+
 def _save_checkpoint(path: Path, model, probe, optimizer, scheduler, step: int, config: TrainConfig):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  step=step, config=asdict(config))
@@ -114,14 +152,18 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     if not resume and checkpoint_path.exists():
         raise InputError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
+    device = _device(config)
     out.mkdir(parents=True, exist_ok=True)
 
     dataset = JsonlConversations(config.data) if config.data else SynthVQATrain()
     tokenizer = _tokenizer(config, dataset, out)
     model, processor = build(config.arch, tokenizer, seed=config.seed, llm_layers=config.llm_layers)
+    model.to(device)
     # Scenes are known only for synthvqa: the probe needs them (a user's vqa-jsonl trains on answers alone).
     probe = VisualTokenProbe(model) if isinstance(dataset, SynthVQATrain) and config.probe_weight > 0 else None
     grid = probe_grid(model) if probe is not None else None
+    if probe is not None:
+        probe.to(device)
     if config.vision_steps and probe is None:
         raise InputError("vision_steps needs the probe: it is for synthvqa training with probe_weight > 0")
     parameters = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
@@ -129,12 +171,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0
     if config.grow_from and not (resume and checkpoint_path.exists()):
-        shallow = torch.load(_grow_source(config), weights_only=True)
+        shallow = torch.load(_grow_source(config), map_location=device, weights_only=True)
         grow_llm(model, shallow["model"])
         if probe is not None and "probe" in shallow:
             probe.load_state_dict(shallow["probe"])
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=True)
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         if probe is not None:
             probe.load_state_dict(state["probe"])
@@ -148,17 +190,20 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     model.train()
     image_token_id = model.config.image_token_id
     began = time.time()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train ref-{config.arch}")
+    batches = torch.utils.data.DataLoader(
+        _Batches(config, dataset, processor, grid, tokenizer.pad_token_id, image_token_id), batch_size=None,
+        sampler=range(start, config.steps), num_workers=config.workers, pin_memory=device.type == "cuda",
+        worker_init_fn=_one_thread_per_worker if config.workers else None, prefetch_factor=4 if config.workers else None)
+    bar = tqdm(zip(range(start, config.steps), batches), initial=start, total=config.steps, desc=f"train ref-{config.arch}")
     with log_path.open("a") as log:
-        for step in bar:
-            conversations = [dataset[step * config.batch_size + i] for i in range(config.batch_size)]
-            batch = collate([encode(config.arch, processor, c, grid) for c in conversations], tokenizer.pad_token_id, image_token_id)
+        for step, batch in bar:
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             if step < config.vision_steps:
                 encode_images(model, batch)
-                loss = torch.zeros(())
+                loss = torch.zeros((), device=device)
             else:
                 loss = answer_loss(model, batch)
-            probe_loss = probe.loss(batch["cell_labels"]) if probe is not None else torch.zeros(())
+            probe_loss = probe.loss(batch["cell_labels"]) if probe is not None else torch.zeros((), device=device)
             optimizer.zero_grad(set_to_none=True)
             (loss + config.probe_weight * probe_loss).backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -178,6 +223,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 def export(model, processor, folder: Path) -> Path:
     """A transformers folder (safetensors + config + processor/tokenizer files) that `tokenomy.load` opens."""
     model.eval()
+    model.to("cpu")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

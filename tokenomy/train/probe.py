@@ -89,7 +89,7 @@ class VisualTokenProbe(torch.nn.Module):
             # word recognition are learnt from) carry almost no gradient. Each group gets half the weight.
             labelled = target > 0
             losses.append(0.5 * _mean_or_zero(per_cell[labelled]) + 0.5 * _mean_or_zero(per_cell[~labelled]))
-        cell = torch.arange(cells).repeat(batch)
+        cell = torch.arange(cells, device=labels.device).repeat(batch)
         for head, target in zip(logits[len(HEADS):], (cell // self.grid, cell % self.grid)):
             losses.append(torch.nn.functional.cross_entropy(head.flatten(0, 1), target))
         return sum(losses) / len(losses)
