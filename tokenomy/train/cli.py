@@ -49,8 +49,7 @@ def run(args):
         arch=args.arch, out_dir=args.out or str(Path("runs") / f"ref-{args.arch}"), data=args.data, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, save_every=args.save_every, threads=args.threads,
         vision_steps=args.vision_steps, llm_layers=args.llm_layers, grow_from=args.grow_from,
-        seed=args.seed, vocab_size=args.vocab_size, device=args.device,
-        workers=args.workers,
+        seed=args.seed, vocab_size=args.vocab_size, device=args.device, workers=args.workers,
     )
     folder = train(config, resume=args.resume)
     print(f"model written to {folder}")

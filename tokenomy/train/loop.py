@@ -194,7 +194,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         _Batches(config, dataset, processor, grid, tokenizer.pad_token_id, image_token_id), batch_size=None,
         sampler=range(start, config.steps), num_workers=config.workers, pin_memory=device.type == "cuda",
         worker_init_fn=_one_thread_per_worker if config.workers else None, prefetch_factor=4 if config.workers else None)
-    bar = tqdm(zip(range(start, config.steps), batches), initial=start, total=config.steps, desc=f"train ref-{config.arch}")
+    bar = tqdm(enumerate(batches, start), initial=start, total=config.steps, desc=f"train ref-{config.arch}")
     with log_path.open("a") as log:
         for step, batch in bar:
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
