@@ -3,10 +3,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A new .venv takes about 6.6 GiB (torch 2.14.1 is a CUDA build with its nvidia libraries): say so before pip fills the disk.
+VENV_NEEDS_GIB ?= 7
 
 .PHONY: run test install clean
 
 $(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+		sys.exit(None if free >= $(VENV_NEEDS_GIB) else f"a new $(VENV) needs about $(VENV_NEEDS_GIB) GiB of disk, {free:.1f} GiB free")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# torch 2.14.1 + torchvision 0.29.1 come from local disk; other torch releases break torchvision here.
