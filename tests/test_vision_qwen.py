@@ -27,7 +27,7 @@ def test_mean_query_row_matches_the_towers_own_q_and_k(family):
     finally:
         handle.remove()
     (encoded,) = pipeline.adapter.encode_images(batch, SignalRequest.of(**{MEAN_QUERY_ATTENTION: (1,)}))
-    assert torch.equal(encoded.tokens.features, stock)
+    assert torch.equal(encoded.project(encoded.tokens.features), stock)  # pre-projector units, then the merger
 
     attn = visual.blocks[1].attn
     hidden = captured["hidden"]
@@ -40,4 +40,4 @@ def test_mean_query_row_matches_the_towers_own_q_and_k(family):
         window_index, _ = get_vision_window_index(batch["image_grid_thw"], 2, visual.window_size, visual.patch_size)
         row = row.view(-1, 4)[torch.argsort(window_index)].reshape(-1)
     expected = row.view(-1, 4).mean(-1)
-    assert torch.allclose(encoded.tokens.signals[MEAN_QUERY_ATTENTION][0], expected, atol=1e-6)
+    assert torch.allclose(encoded.signals.by_layer[MEAN_QUERY_ATTENTION][1], expected, atol=1e-6)

@@ -215,7 +215,7 @@ def test_pre_llm_pruning_with_kept_positions_equals_masking_the_dropped_tokens()
 
 
 def test_unsupported_position_policies_are_refused_at_load():
-    with pytest.raises(InputError, match="'multi' is not supported by llava models"):
+    with pytest.raises(InputError, match="'multi' needs a stage that supplies a multi-position rotary"):
         tokenomy.load("tiny-llava", "random", keep=6, position_policy="multi")
     with pytest.raises(InputError, match="'contiguous' is not supported by qwen2-vl models"):
         tokenomy.load("tiny-qwen2-vl", "random", keep=6, position_policy="contiguous")

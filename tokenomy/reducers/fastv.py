@@ -5,22 +5,26 @@ image's visual positions. Layers 0..K-1 see every token; layers >= K see `keep` 
 their original position ids (P-keep), as in FastV's KV-cache implementation.
 """
 from tokenomy.errors import InputError
-from tokenomy.reducers.base import LAST_TEXT_ATTENTION, PositionPolicy, Reducer, Selection, Stage, top_k_sorted
+from tokenomy.reducers.base import LAST_TEXT_ATTENTION, Reducer, Selection, Site, top_k_sorted
 from tokenomy.reducers.registry import register
 
 
 @register("fastv")
 class FastV(Reducer):
-    stage = Stage.IN_LLM
-    position_policy = PositionPolicy.KEEP
+    site = Site.LLM
 
     def __init__(self, keep=None, layer: int = 2):
         super().__init__(keep=keep)
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
             raise InputError(f"fastv layer must be an integer >= 1 (layers before it see every token), got {layer!r}")
-        self.llm_layer = layer
+        self.layer = layer
 
-    def llm_signals(self):
+    def llm_layers(self, num_layers):
+        if self.layer >= num_layers:
+            raise InputError(f"fastv layer {self.layer} must be in 1..{num_layers - 1} for this {num_layers}-layer LLM")
+        return (self.layer,)
+
+    def llm_request(self, layer):
         return (LAST_TEXT_ATTENTION,)
 
     def select(self, image):

@@ -6,8 +6,12 @@ from tokenomy.reducers.registry import register
 @register("none")
 class NoReduction(Reducer):
     def __init__(self, keep=None):
-        # keep is accepted so sweeps can pass one value to every reducer; the baseline ignores it.
+        # keep is accepted so sweeps can pass one value to every reducer; the baseline ignores it, and its stats say so.
         super().__init__(keep=keep)
+
+    @property
+    def applies_budget(self):
+        return False
 
     def budget(self, image):
         return image.num_tokens

@@ -24,13 +24,19 @@ def _discover() -> None:
     import tokenomy.reducers as package
 
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in ("base", "registry"):
+        if info.name not in ("base", "registry", "plan"):
             importlib.import_module(f"tokenomy.reducers.{info.name}")
 
 
 def available() -> list:
     _discover()
     return sorted(_REGISTRY)
+
+
+def registered() -> dict:
+    """Name -> reducer class, every reducer file imported."""
+    _discover()
+    return dict(_REGISTRY)
 
 
 def create(name: str, **kwargs):

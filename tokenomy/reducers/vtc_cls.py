@@ -6,14 +6,14 @@ model family (renumbered contiguously on LLaVA, as the reference does).
 """
 
 from tokenomy.errors import InputError
-from tokenomy.reducers.base import Reducer, Selection, Stage, top_k_sorted
+from tokenomy.reducers.base import Reducer, Selection, Site, top_k_sorted
 from tokenomy.reducers.registry import register
 from tokenomy.vision.base import CLS_ATTENTION, SignalRequest
 
 
 @register("vtc-cls")
 class VTCCLS(Reducer):
-    stage = Stage.PRE_LLM
+    site = Site.PRE_PROJECTOR
 
     def __init__(self, keep=None, start_layer: int = 16):
         super().__init__(keep=keep)

@@ -68,6 +68,7 @@ class EncoderState:
     hidden: torch.Tensor
     patch_index: torch.Tensor
     signals: dict
+    sources: Optional[torch.Tensor] = None  # [B, N, N0]: how much of each original patch a current token holds
 
 
 LayerHook = Callable[[EncoderState], Optional[EncoderState]]
@@ -87,6 +88,19 @@ class VisionOutput:
     grid: torch.Tensor
     patch_index: torch.Tensor
     signals: dict
+    sources: Optional[torch.Tensor] = None  # [B, N, N0] when a hook merged tokens
+
+
+def layers_to_run(feature_layer, num_layers: int) -> int:
+    """How many encoder layers produce transformers' `hidden_states[feature_layer]` (0 is the embedding output)."""
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise InputError(f"vision_feature_layer must be an integer, got {feature_layer!r}")
+    count = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= count <= num_layers:
+        raise InputError(
+            f"vision_feature_layer {feature_layer} is outside hidden_states[0..{num_layers}] of this {num_layers}-layer encoder"
+        )
+    return count
 
 
 def grid_positions(t: int, h: int, w: int, device=None) -> torch.Tensor:
@@ -162,36 +176,78 @@ class VisionEncoder:
         feature_layer: int = -1,
         request: SignalRequest = SignalRequest(),
         hooks: tuple = (),
+        run_layers: Optional[int] = None,
     ) -> VisionOutput:
-        """Run layers 0..feature_layer and return that layer's output patches plus the requested signals."""
+        """Run layers 0..feature_layer and return that layer's output patches plus the requested signals.
+
+        `run_layers` (0..num_layers), when given, says how many layers run instead (transformers' hidden_states index);
+        a list of counts concatenates those hidden states along the features, as transformers does for a list-valued
+        `vision_feature_layer`.
+        """
         num_layers = self.num_layers
-        last = feature_layer + num_layers if feature_layer < 0 else feature_layer
-        if not 0 <= last < num_layers:
-            raise InputError(f"feature_layer {feature_layer} is outside the encoder's {num_layers} layers")
+        if isinstance(run_layers, (list, tuple)):
+            return self._encode_concatenated(pixel_values, list(run_layers), request, hooks)
+        if run_layers is None:
+            last = feature_layer + num_layers if feature_layer < 0 else feature_layer
+            if not 0 <= last < num_layers:
+                raise InputError(f"feature_layer {feature_layer} is outside the encoder's {num_layers} layers")
+            run_layers = last + 1
         wanted_by_layer = request.resolve(num_layers)
         hidden = self._embed(pixel_values)
         batch = hidden.shape[0]
         t, h, w = self._patch_grid(pixel_values)
         grid = grid_positions(t, h, w, device=hidden.device)
         patch_index = torch.arange(t * h * w, device=hidden.device).expand(batch, -1)
+        sources = None
         signals = {name: {} for name in wanted_by_layer}
-        for index in range(last + 1):
+        for index in range(run_layers):
             wanted = {name for name, layers in wanted_by_layer.items() if index in layers}
             layer_signals = self._signals(index, hidden, wanted) if wanted else {}
             for name, value in layer_signals.items():
-                signals[name][index] = value
+                signals[name][index] = (value, patch_index)
             hidden = self._run_layer(index, hidden)
             for hook in hooks:
-                state = hook(EncoderState(index, hidden, patch_index, layer_signals))
+                state = hook(EncoderState(index, hidden, patch_index, layer_signals, sources))
                 if state is not None:
-                    hidden, patch_index = state.hidden, state.patch_index
-        hidden = self._finish(hidden, last)
+                    hidden, patch_index, sources = state.hidden, state.patch_index, state.sources
+        hidden = self._finish(hidden, run_layers - 1)
         first = 1 if self.has_cls else 0
-        pruned = patch_index.shape[1] != t * h * w
+        pruned = patch_index.shape[1] != t * h * w or sources is not None
         return VisionOutput(
             tokens=hidden[:, first:],
             cls=hidden[:, 0] if self.has_cls else None,
             grid=grid[patch_index] if pruned else grid,
             patch_index=patch_index,
-            signals=signals,
+            signals={name: {layer: _follow(value, at, patch_index) for layer, (value, at) in by_layer.items()}
+                     for name, by_layer in signals.items()},
+            sources=sources,
         )
+
+
+    def _encode_concatenated(self, pixel_values, counts: list, request, hooks) -> VisionOutput:
+        if hooks:
+            raise InputError("encoder-site reducers cannot run with a list-valued vision_feature_layer")
+        collected = {}
+
+        def collect(state: EncoderState):
+            if state.layer + 1 in counts:
+                collected[state.layer + 1] = self._finish(state.hidden, state.layer)
+            return None
+
+        out = self.encode(pixel_values, request=request, hooks=(collect,), run_layers=max(counts))
+        if 0 in counts:
+            collected[0] = self._embed(pixel_values)
+        first = 1 if self.has_cls else 0
+        out.tokens = torch.cat([collected[count][:, first:] for count in counts], dim=-1)
+        return out
+
+
+def _follow(value: torch.Tensor, index_then: torch.Tensor, index_now: torch.Tensor) -> torch.Tensor:
+    """A per-token signal taken when the tokens were `index_then` [B, N], gathered to the tokens `index_now` [B, N']."""
+    if index_then.shape == index_now.shape and torch.equal(index_then, index_now):
+        return value
+    lookup = torch.full((index_then.shape[0], int(index_then.max()) + 1), -1, dtype=torch.long, device=value.device)
+    lookup.scatter_(1, index_then, torch.arange(index_then.shape[1], device=value.device).expand_as(index_then).contiguous())
+    slots = lookup.gather(1, index_now)
+    expand = slots.view(*slots.shape, *([1] * (value.dim() - 2))).expand(*slots.shape, *value.shape[2:])
+    return value.gather(1, expand)

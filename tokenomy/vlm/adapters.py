@@ -1,8 +1,8 @@
 """Model adapters: the only place that knows transformers' VLM classes.
 
-An adapter turns prompts and images into processor inputs, encodes the images into reducible visual tokens with the
-signals a reducer asked for, projects kept tokens into the LLM, and tells where the LLM, its decoder layers and its
-reference positions are.
+An adapter turns prompts and images into processor inputs, encodes each image into reducible tokens (running the
+encoder-site stages between its layers and computing the signals asked for), projects tokens into the LLM, lays a
+reduced image out as the LLM reads it, and tells where the LLM, its decoder layers and its reference positions are.
 """
 from __future__ import annotations
 
@@ -12,31 +12,59 @@ from typing import Callable
 
 import torch
 
-from tokenomy.errors import ModelLoadError
-from tokenomy.reducers.base import ImageTokens, PositionPolicy, Selection
-from tokenomy.vision.base import SignalRequest, grid_positions
+from tokenomy.errors import InputError, ModelLoadError
+from tokenomy.reducers.base import ImageTokens, PositionPolicy
+from tokenomy.vision.base import SignalRequest, grid_positions, layers_to_run
 from tokenomy.vision.hf import HFViTEncoder
 from tokenomy.vision.qwen_vit import QwenViTEncoder
 from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
+from tokenomy.vlm.sites import EncoderSiteHook, VisionSignals
 
 
 @dataclass
 class EncodedImage:
-    """One image's reducible tokens, the number of placeholders it fills, and how a selection reaches the LLM.
+    """One image after the encoder site: its pre-projector tokens and how they reach the LLM.
 
-    `to_llm(selection)` returns the LLM-dim features of the image's span after reduction, [M, d_llm], and for each of
-    them the placeholder offset (0..num_placeholders-1) whose reference position it takes.
+    tokens: ImageTokens at the pre-projector site (TRUE positions; sources when the encoder site merged). signals: the
+    encoder signals asked for, aligned with the tokens. num_placeholders: the placeholder tokens the image fills in the
+    unreduced prompt. project(features) -> LLM-dim features. offsets(positions [..., 3]) -> placeholder offsets [...]:
+    where a token of that grid position sits in the unreduced span, so it takes that placeholder's reference position.
+    layout(features [K, d], offsets [K, ...]) -> (features [M, d], offsets [M, ...], visual [K]): the image's span as
+    the LLM reads it, structure tokens (LLaVA-NeXT's newlines) included; visual[i] is the span slot of token i.
     """
 
     tokens: ImageTokens
+    signals: VisionSignals
     num_placeholders: int
-    to_llm: Callable
+    project: Callable
+    offsets: Callable
+    layout: Callable
+    num_tokens_in: int  # reducible tokens of the unreduced image
+    index_of: Callable  # positions [..., 3] -> index among the unreduced image's reducible tokens (stats)
+
+
+def _in_order(features, offsets):
+    return features, offsets, torch.arange(len(features), device=features.device)
+
+
+def _raster_offsets(grid_shape: tuple) -> Callable:
+    """Offsets of a raster-ordered (t, h, w) grid."""
+    _, h, w = grid_shape
+
+    def offsets(positions):
+        return positions[..., 0] * h * w + positions[..., 1] * w + positions[..., 2]
+
+    return offsets
+
+
+def _per_image_signals(signals: dict, row: int) -> VisionSignals:
+    return VisionSignals({name: {layer: value[row] for layer, value in by_layer.items()} for name, by_layer in signals.items()})
 
 
 class Adapter(ABC):
     family = "?"
     default_policy = PositionPolicy.CONTIGUOUS
-    supported_policies = (PositionPolicy.CONTIGUOUS, PositionPolicy.KEEP)
+    supported_policies = (PositionPolicy.CONTIGUOUS, PositionPolicy.KEEP, PositionPolicy.MULTI)
 
     def __init__(self, model, processor):
         self.model = model
@@ -96,55 +124,104 @@ class Adapter(ABC):
         return positions
 
     @abstractmethod
-    def encode_images(self, batch, request: SignalRequest) -> list:
+    def encode_images(self, batch, request: SignalRequest, encoder_stages: list, requests: dict, records: dict) -> list:
         """One `EncodedImage` per image of the batch, in batch order, with the signals of `request`."""
+
+    @property
+    @abstractmethod
+    def vision(self):
+        """The vision encoder behind tokenomy's encoder interface."""
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers that run for the feature layer (the last one when several are concatenated)."""
+        return layers_to_run(self.feature_layer, self.vision.num_layers) if not isinstance(self.feature_layer, list) \
+            else max(layers_to_run(layer, self.vision.num_layers) for layer in self.feature_layer)
 
 
 class LlavaAdapter(Adapter):
-    """LlavaForConditionalGeneration: CLIP/SigLIP tower -> feature layer -> (drop CLS) -> MLP projector."""
+    """LlavaForConditionalGeneration: CLIP/SigLIP tower -> hidden_states[vision_feature_layer] -> (drop CLS) -> MLP."""
 
     family = "llava"
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
         config = model.config
-        if not isinstance(config.vision_feature_layer, int):
-            raise ModelLoadError("several vision_feature_layer values are not supported; use a single layer index")
-        self.feature_layer = config.vision_feature_layer
-        self.vision = HFViTEncoder(model.model.vision_tower)
+        self._vision = HFViTEncoder(model.model.vision_tower)
+        self.feature_layer = self._checked_feature_layer(config.vision_feature_layer)
         if config.vision_feature_select_strategy == "full" and self.vision.has_cls:
             raise ModelLoadError("vision_feature_select_strategy='full' with a CLS token is not supported")
         self.projector = model.model.multi_modal_projector
 
+    def _checked_feature_layer(self, layer):
+        """transformers' `hidden_states` index (0 = embedding output, negative from the end) or a list of them."""
+        layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        if not layers:
+            raise ModelLoadError("vision_feature_layer is an empty list")
+        for item in layers:
+            try:
+                layers_to_run(item, self.vision.num_layers)
+            except InputError as error:
+                raise ModelLoadError(str(error)) from error
+        return layers if isinstance(layer, (list, tuple)) else layer
+
+    @property
+    def vision(self):
+        return self._vision
+
+    def run_layers(self):
+        if isinstance(self.feature_layer, list):
+            return [layers_to_run(layer, self.vision.num_layers) for layer in self.feature_layer]
+        return layers_to_run(self.feature_layer, self.vision.num_layers)
+
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)
 
-    def encode_images(self, batch, request):
-        pixel_values = batch["pixel_values"]
-        out = self.vision.encode(pixel_values, feature_layer=self.feature_layer, request=request)
-        encoded = []
-        for index in range(out.tokens.shape[0]):
-            signals = {name: torch.stack([by_layer[layer][index] for layer in sorted(by_layer)]) for name, by_layer in out.signals.items()}
-            tokens = ImageTokens(out.tokens[index], out.grid, signals)
-            encoded.append(EncodedImage(tokens, tokens.num_tokens, self._span_builder(tokens)))
-        return encoded
+    def _encode(self, pixel_values, request, encoder_stages, requests, records, image_ids) -> list:
+        """Encode a batch of crops or images: all at once, or one at a time when encoder-site stages act (so that a
+        sample's result never depends on its batch). Returns (tokens, grid, sources, signals) per row."""
+        run_layers = self.run_layers()
+        if encoder_stages and isinstance(run_layers, list):
+            raise InputError("encoder-site reducers cannot run with a list-valued vision_feature_layer")
+        if not encoder_stages:
+            out = self.vision.encode(pixel_values, request=request, run_layers=run_layers)
+            return [(out.tokens[row], out.grid, None, _per_image_signals(out.signals, row)) for row in range(len(out.tokens))]
+        rows = []
+        for row, image_id in enumerate(image_ids):
+            pixels = pixel_values[row : row + 1]
+            t, h, w = self.vision._patch_grid(pixels)
+            hook = EncoderSiteHook(encoder_stages, requests, grid_positions(t, h, w, device=pixels.device),
+                                   self.vision.has_cls, image_id, records)
+            out = self.vision.encode(pixels, request=request, hooks=(hook,), run_layers=run_layers)
+            grid = hook.positions if hook.positions is not None else out.grid
+            sources = out.sources[0] if out.sources is not None else None
+            rows.append((out.tokens[0], grid, sources, _per_image_signals(out.signals, 0)))
+        return rows
 
-    def _span_builder(self, tokens: ImageTokens):
-        def to_llm(selection: Selection):
-            return self._project(selection.apply(tokens.features)), selection.kept
-        return to_llm
+    def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
+        pixel_values = batch["pixel_values"]
+        rows = self._encode(pixel_values, request, encoder_stages, requests, records, range(len(pixel_values)))
+        grid_shape = self.vision._patch_grid(pixel_values)
+        encoded = []
+        for features, grid, sources, signals in rows:
+            tokens = ImageTokens(features, grid, sources=sources, project=self._project)
+            num_placeholders = grid_shape[0] * grid_shape[1] * grid_shape[2]
+            offsets = _raster_offsets(grid_shape)
+            encoded.append(EncodedImage(tokens, signals, num_placeholders, self._project, offsets, _in_order, num_placeholders, offsets))
+        return encoded
 
 
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT anyres: base view + tiles, unpadded and packed with one newline token per row.
 
     Reducible tokens are the packed patch tokens; newline tokens are structure, always kept, never counted in budgets.
-    Positions are (crop, row, column) of each patch in its crop.
+    Positions are (crop, row, column) of each patch in its crop. Encoder-site stages act on each crop; a patch they
+    keep that unpadding would drop is dropped as transformers drops it.
     """
 
     family = "llava-next"
 
-    def encode_images(self, batch, request):
+    def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
         pixel_values, image_sizes = batch["pixel_values"], batch["image_sizes"]
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -153,12 +230,14 @@ class LlavaNextAdapter(LlavaAdapter):
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) for size in image_sizes
         ]
         flat = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops_per_image)], dim=0)
-        out = self.vision.encode(flat, feature_layer=self.feature_layer, request=request)
-        per_crop = out.tokens.shape[1]
+        crop_image = [image for image, count in enumerate(crops_per_image) for _ in range(count)]
+        rows = self._encode(flat, request, encoder_stages, requests, records, crop_image)
+        _, side, _ = self.vision._patch_grid(flat)
+        per_crop = side * side
         newline = self.model.model.image_newline
         encoded, start = [], 0
         for image_index, count in enumerate(crops_per_image):
-            crop_tokens = out.tokens[start : start + count]
+            crop_rows = rows[start : start + count]
             # Pack token indices (1-based, 0 marks a newline) the way transformers packs the features themselves.
             index_features = torch.arange(1, count * per_crop + 1, dtype=torch.float32).view(count, per_crop, 1)
             (packed,), _ = self.model.model.pack_image_features(
@@ -167,67 +246,106 @@ class LlavaNextAdapter(LlavaAdapter):
             )
             packed = packed[:, 0].round().long() - 1
             is_patch = packed >= 0
-            source = packed[is_patch]  # flat (crop * per_crop + patch) index of each reducible token, packed order
-            features = crop_tokens.reshape(count * per_crop, -1)[source]
-            side = int(round(per_crop ** 0.5))
-            crop_grid = grid_positions(1, side, side, device=features.device)
-            positions = torch.cat([(source // per_crop)[:, None], crop_grid[source % per_crop][:, 1:]], dim=1)
-            signals = {
-                name: torch.stack([by_layer[layer][start : start + count].reshape(-1)[source] for layer in sorted(by_layer)])
-                for name, by_layer in out.signals.items()
-            }
-            tokens = ImageTokens(features, positions, signals)
-            encoded.append(EncodedImage(tokens, int(packed.numel()), self._packed_builder(tokens, is_patch, newline)))
+            slot_of_flat = torch.full((count * per_crop,), -1, dtype=torch.long)
+            slot_of_flat[packed[is_patch]] = torch.nonzero(is_patch).squeeze(1)  # packed offset of each crop patch
+            features, positions, sources, signals = [], [], [], {}
+            for crop, (crop_features, crop_grid, crop_sources, crop_signals) in enumerate(crop_rows):
+                flat_index = crop * per_crop + crop_grid[:, 1] * side + crop_grid[:, 2]
+                survives = slot_of_flat[flat_index.cpu()] >= 0
+                features.append(crop_features[survives.to(crop_features.device)])
+                positions.append(torch.cat([torch.full_like(crop_grid[:, :1], crop), crop_grid[:, 1:]], 1)[survives])
+                if crop_sources is not None:
+                    expanded = crop_sources.new_zeros(len(crop_sources), count * per_crop)
+                    expanded[:, crop * per_crop : (crop + 1) * per_crop] = crop_sources
+                    sources.append(expanded[survives])
+                for name, by_layer in crop_signals.by_layer.items():
+                    for layer, value in by_layer.items():
+                        signals.setdefault(name, {}).setdefault(layer, []).append(value[survives.to(value.device)])
+            features, positions = torch.cat(features), torch.cat(positions)
+            offsets_of = self._packed_offsets(slot_of_flat, per_crop, side)
+            order = torch.argsort(offsets_of(positions).cpu(), stable=True)  # packed order, as transformers reads them
+            signals = VisionSignals({name: {layer: torch.cat(parts)[order.to(parts[0].device)] for layer, parts in by_layer.items()}
+                                     for name, by_layer in signals.items()})
+            tokens = ImageTokens(features[order.to(features.device)], positions[order], project=self._project,
+                                 sources=torch.cat(sources)[order] if sources else None)
+            reducible_index = is_patch.long().cumsum(0) - 1  # packed offset -> index among the patch tokens
+            encoded.append(EncodedImage(tokens, signals, int(packed.numel()), self._project, offsets_of,
+                                        self._packed_layout(is_patch, newline), int(is_patch.sum()),
+                                        lambda positions, o=offsets_of, r=reducible_index: r.to(positions.device)[o(positions)]))
             start += count
         return encoded
 
-    def _packed_builder(self, tokens, is_patch, newline):
-        token_offsets = torch.nonzero(is_patch).squeeze(1)  # placeholder offset of each reducible token
+    @staticmethod
+    def _packed_offsets(slot_of_flat, per_crop, side):
+        def offsets(positions):
+            flat = positions[..., 0] * per_crop + positions[..., 1] * side + positions[..., 2]
+            return slot_of_flat.to(flat.device)[flat]
 
-        def to_llm(selection: Selection):
-            projected = self._project(selection.apply(tokens.features))
-            kept_offsets = token_offsets[selection.kept]
-            newline_offsets = torch.nonzero(~is_patch).squeeze(1)
-            offsets = torch.cat([kept_offsets, newline_offsets])
-            features = torch.cat([projected, newline[None].to(projected).expand(len(newline_offsets), -1)])
-            order = torch.argsort(offsets, stable=True)
-            return features[order], offsets[order]
+        return offsets
 
-        return to_llm
+    @staticmethod
+    def _packed_layout(is_patch, newline):
+        newline_offsets = torch.nonzero(~is_patch).squeeze(1)
+
+        def layout(features, offsets):
+            extra = newline_offsets.to(offsets.device)
+            if offsets.dim() == 2:  # several positions per token: a newline repeats its own
+                extra = extra[:, None].expand(-1, offsets.shape[1])
+            rows = torch.cat([features, newline[None].to(features).expand(len(extra), -1)])
+            every = torch.cat([offsets, extra])
+            order = torch.argsort(every[:, 0] if every.dim() == 2 else every, stable=True)
+            slot = torch.empty_like(order)
+            slot[order] = torch.arange(len(order), device=order.device)
+            return rows[order], every[order], slot[: len(features)]
+
+        return layout
 
 
 class QwenVLAdapter(Adapter):
-    """Qwen2-VL / Qwen2.5-VL: ViT with 2x2 patch merger (the projector) and M-RoPE positions (t, h, w).
+    """Qwen2-VL / Qwen2.5-VL: ViT with a 2x2 patch merger (the projector) and M-RoPE positions (t, h, w).
 
-    Reducible tokens are the merger outputs (LLM-dim); positions are their (t, h, w) in the merged grid. Kept tokens
-    keep their M-RoPE ids (P-keep); contiguous renumbering is not defined for M-RoPE and is refused.
+    Pre-projector tokens are merge units (4 patches concatenated); post-projector tokens are the merger outputs.
+    Positions are TRUE (t, h, w) in the merged grid, also after encoder-site pruning. Kept tokens keep their M-RoPE ids
+    (P-keep); contiguous renumbering is not defined for M-RoPE and is refused.
     """
 
     family = "qwen2-vl"
     default_policy = PositionPolicy.KEEP
-    supported_policies = (PositionPolicy.KEEP,)
+    supported_policies = (PositionPolicy.KEEP, PositionPolicy.MULTI)
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
-        self.vision = QwenViTEncoder(model.model.visual)
+        self._vision = QwenViTEncoder(model.model.visual)
         self.feature_layer = -1
 
-    def encode_images(self, batch, request):
+    @property
+    def vision(self):
+        return self._vision
+
+    def _project(self, units: torch.Tensor) -> torch.Tensor:
+        merger = self.model.model.visual.merger
+        width = units.shape[-1] // self.vision.merge ** 2
+        return merger(units.reshape(-1, width))
+
+    def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
         grid_thw = batch["image_grid_thw"]
         counts = grid_thw.prod(-1).tolist()
         encoded, start = [], 0
         for image, count in enumerate(counts):
-            out = self.vision.encode_image(batch["pixel_values"][start : start + count], grid_thw[image : image + 1], request)
+            t, h, w = grid_thw[image].tolist()
+            merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
+            hooks = ()
+            if encoder_stages:
+                hooks = (EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
+                                         False, image, records),)
+            out = self.vision.encode_image(batch["pixel_values"][start : start + count], grid_thw[image : image + 1], request, hooks)
             start += count
-            signals = {name: torch.stack([by_layer[layer][0] for layer in sorted(by_layer)]) for name, by_layer in out.signals.items()}
-            tokens = ImageTokens(out.tokens[0], out.grid, signals)
-            encoded.append(EncodedImage(tokens, tokens.num_tokens, self._span_builder(tokens)))
+            tokens = ImageTokens(out.tokens[0], out.grid, project=self._project)
+            units = int(count) // self.vision.merge ** 2
+            offsets = _raster_offsets(merged_grid)
+            encoded.append(EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order,
+                                        units, offsets))
         return encoded
-
-    def _span_builder(self, tokens):
-        def to_llm(selection: Selection):
-            return selection.apply(tokens.features), selection.kept
-        return to_llm
 
     def reference_positions(self, batch):
         positions, _ = self.model.model.get_rope_index(
@@ -249,9 +367,12 @@ class ComposedAdapter(LlavaAdapter):
 
     def __init__(self, model, processor):
         Adapter.__init__(self, model, processor)
-        self.feature_layer = model.config.vision_feature_layer
-        self.vision = model.vision_encoder
+        self._vision = model.vision_encoder
+        self.feature_layer = self._checked_feature_layer(model.config.vision_feature_layer)
         self.projector = model.multi_modal_projector
+
+    def _project(self, features):
+        return self.projector(features.to(self.projector.linear_1.weight.dtype))
 
     @property
     def language_model(self):

@@ -35,6 +35,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
 from tokenomy.vision import HFViTEncoder, OpenClipViTEncoder, TimmViTEncoder, VisionEncoder, wrap_encoder
+from tokenomy.vision.base import layers_to_run
 
 VISION_LIBRARIES = ("timm", "open_clip", "transformers")
 _SPEC_ATTRIBUTE = "_tokenomy_vision_spec"
@@ -139,8 +140,9 @@ def _tower_geometry(encoder: VisionEncoder) -> tuple:
 
 @strict
 class ComposedVLMConfig(PretrainedConfig):
-    """vision: spec for `build_vision_tower`; text_config: any causal-LM config; vision_feature_layer: encoder layer
-    whose patch tokens feed the projector (LLaVA: -2); image_token_id: the placeholder id in input_ids;
+    """vision: spec for `build_vision_tower`; text_config: any causal-LM config; vision_feature_layer: the
+    `hidden_states` index (transformers' convention: 0 is the embedding output, -1 the last layer) whose patch tokens
+    feed the projector (LLaVA: -2); image_token_id: the placeholder id in input_ids;
     image_seq_length: image tokens per image (filled in from the tower when left None)."""
 
     model_type = "tokenomy_composed_vlm"
@@ -253,7 +255,8 @@ class ComposedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer: int | None = None) -> torch.Tensor:
         """[B, N, d_llm]: projected patch tokens of the feature layer."""
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        tokens = self.vision_encoder.encode(pixel_values, feature_layer=layer).tokens
+        encoder = self.vision_encoder
+        tokens = encoder.encode(pixel_values, run_layers=layers_to_run(layer, encoder.num_layers)).tokens
         return self.multi_modal_projector(tokens.to(self.multi_modal_projector.linear_1.weight.dtype))
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor):

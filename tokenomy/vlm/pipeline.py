@@ -11,12 +11,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
-from tokenomy.reducers import create as create_reducer
-from tokenomy.reducers.base import PositionPolicy, Selection, Stage
-from tokenomy.vision.base import SignalRequest
+from tokenomy.reducers.base import LLM_SIGNALS, ImageTokens, PositionPolicy, Site
+from tokenomy.reducers.plan import build_plan
+from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
 from tokenomy.vlm.adapters import ADAPTERS, adapter_for
 from tokenomy.vlm.assembly import assemble
-from tokenomy.vlm.in_llm import InLLMReduction
+from tokenomy.vlm.in_llm import LLMRun, Step
+from tokenomy.vlm.sites import StageRecord, encoder_requests, run_vision_stages, union_request
 from tokenomy.vlm.tiny import BUILDERS
 
 
@@ -53,8 +54,14 @@ def _load_local(path: Path, dtype):
     return model, processor
 
 
-def load(model, reducer="none", device=None, dtype=None, position_policy=None, **reducer_kwargs) -> "Pipeline":
-    reducer_obj = reducer if not isinstance(reducer, str) else create_reducer(reducer, **reducer_kwargs)
+def load(model, reducer="none", device=None, dtype=None, position_policy=None, keep=None, **reducer_options) -> "Pipeline":
+    """A Pipeline over a built-in or local model.
+
+    reducer: a registered name, a stacked spec string (`vtc-cls:keep=32+fastv`), a Reducer, a list of them or a Plan.
+    keep: the last stage's budget. position_policy: contiguous, keep or multi (default: the family's). Other keyword
+    arguments are reducer options (`name.key=value` for one stage of a stacked spec).
+    """
+    plan = build_plan(reducer, keep=keep, **reducer_options)
     if isinstance(model, str) and model in BUILDERS:
         hf_model, processor = BUILDERS[model]()
         name = model
@@ -73,7 +80,7 @@ def load(model, reducer="none", device=None, dtype=None, position_policy=None, *
         hf_model = hf_model.to(dtype)
     if device is not None:
         hf_model = hf_model.to(device)
-    return Pipeline(hf_model.eval(), processor, reducer_obj, name=name, position_policy=position_policy)
+    return Pipeline(hf_model.eval(), processor, plan, name=name, position_policy=position_policy)
 
 
 def load_image(image) -> Image.Image:
@@ -95,16 +102,64 @@ class Pipeline:
     def __init__(self, model, processor, reducer, name="model", position_policy=None):
         self.model = model
         self.processor = processor
-        self.reducer = reducer
+        self.plan = build_plan(reducer)
         self.name = name
         self.adapter = adapter_for(model, processor)
-        policy = position_policy or reducer.position_policy or self.adapter.default_policy
-        self.position_policy = PositionPolicy(policy)
-        if self.position_policy not in self.adapter.supported_policies:
+        self.position_policy = self._policy(position_policy)
+        self._check_plan()
+
+    @property
+    def reducer(self):
+        """The last stage of the plan (the one `keep` budgets)."""
+        return self.plan.last
+
+    def _policy(self, requested) -> PositionPolicy:
+        wanted = self.plan.required_policy()
+        try:
+            policy = PositionPolicy(requested) if requested is not None else wanted or self.adapter.default_policy
+        except ValueError:
+            raise InputError(f"position_policy {requested!r} is not one of {[p.value for p in PositionPolicy]}") from None
+        if wanted is not None and policy is not wanted:
+            raise InputError(f"reducer spec {self.plan.spec!r} needs position_policy={wanted.value!r}, got {policy.value!r}")
+        if policy not in self.adapter.supported_policies:
             raise InputError(
-                f"position policy {self.position_policy.value!r} is not supported by {self.adapter.family} models;"
+                f"position policy {policy.value!r} is not supported by {self.adapter.family} models;"
                 f" supported: {[p.value for p in self.adapter.supported_policies]}"
             )
+        if policy is PositionPolicy.MULTI and self.plan.multi_rotary(self.adapter.text_config) is None:
+            raise InputError(f"position_policy='multi' needs a stage that supplies a multi-position rotary; {self.plan.spec!r} has none")
+        return policy
+
+    def _check_plan(self):
+        """Everything that can be checked before the first request: layers in range, signals the encoder can give."""
+        vision = self.adapter.vision
+        num_layers, feature = vision.num_layers, self.adapter.layers_run - 1
+        self._encoder_requests = encoder_requests(self.plan.at(Site.ENCODER), num_layers, self.adapter.layers_run)
+        vision_stages = [s for s in self.plan.stages if s.site is not Site.LLM]
+        for stage in vision_stages:
+            request = stage.vision_request(num_layers, feature)
+            names = set(request.layers)
+            if not vision.has_cls and names & {CLS_ATTENTION, CLS_VALUE_SIMILARITY}:
+                raise InputError(
+                    f"{stage.name} needs the CLS attention row, but the {type(vision).__name__} of {self.adapter.family} models "
+                    f"has no CLS token; use a reducer that does not need one (e.g. random, fastv)"
+                )
+            request.resolve(num_layers)
+        self._llm_steps = []
+        for stage in self.plan.at(Site.LLM):
+            layers = stage.llm_layers(len(self.adapter.decoder_layers))
+            if not layers:
+                raise InputError(f"{stage.name} acts in the LLM but names no layer")
+            for layer in layers:
+                if not 1 <= layer < len(self.adapter.decoder_layers):
+                    raise InputError(f"{stage.name} acts before LLM layer {layer}, which must be in 1..{len(self.adapter.decoder_layers) - 1}")
+                request = tuple(stage.llm_request(layer))
+                unknown = set(request) - set(LLM_SIGNALS)
+                if unknown:
+                    raise InputError(f"{stage.name} asks for unknown LLM signal(s) {sorted(unknown)}; known: {list(LLM_SIGNALS)}")
+                self._llm_steps.append((layer, stage, request))
+        order = {id(stage): rank for rank, stage in enumerate(self.plan.stages)}
+        self._llm_steps.sort(key=lambda item: (item[0], order[id(item[1])]))
 
     @property
     def device(self):
@@ -134,29 +189,42 @@ class Pipeline:
         return prompts, per_prompt
 
     def prepare(self, images, prompts):
-        """Process, encode, reduce before the LLM and assemble. Returns (llm_kwargs, context, info)."""
+        """Process, encode, run the vision-site stages and assemble. Returns (llm_kwargs, context, info)."""
         prompts, per_prompt = self._normalise(images, prompts)
         texts = [self.adapter.chat_text(p, len(imgs)) for p, imgs in zip(prompts, per_prompt)]
         flat_images = [image for imgs in per_prompt for image in imgs]
         batch = self.adapter.process(texts, flat_images).to(self.device)
-        reducer = self.reducer
-        pre = reducer.stage in (Stage.PRE_LLM, Stage.POST_PROJECTOR)
-        encoded = []
+        vision = self.adapter.vision
+        num_layers, feature = vision.num_layers, self.adapter.layers_run - 1
+        records = {id(stage): StageRecord(stage.name, stage.site) for stage in self.plan.stages}
+        encoded, final = [], []
         if flat_images:
-            vision, feature_layer = self.adapter.vision, self.adapter.feature_layer
-            request = reducer.vision_request(vision.num_layers, feature_layer) if pre else SignalRequest()
-            encoded = self.adapter.encode_images(batch, request)
-        selections = [reducer.select(image.tokens) if pre else Selection.keep_all(image.tokens) for image in encoded]
-        inputs = assemble(self.adapter, batch, encoded, selections, self.position_policy)
+            requests = [stage.vision_request(num_layers, feature) for stage in self.plan.stages if stage.site is not Site.LLM]
+            encoder_stages = self.plan.at(Site.ENCODER)
+            encoded = self.adapter.encode_images(batch, union_request(requests), encoder_stages, self._encoder_requests, records)
+            for index, image in enumerate(encoded):
+                tokens = run_vision_stages(self.plan.at(Site.PRE_PROJECTOR), image.tokens, image.signals, num_layers, feature, index, records)
+                tokens = ImageTokens(image.project(tokens.features), tokens.positions, sources=tokens.sources)
+                tokens = run_vision_stages(self.plan.at(Site.POST_PROJECTOR), tokens, image.signals, num_layers, feature, index, records)
+                final.append(tokens)
+        m = self.plan.positions_per_token() if self.position_policy is PositionPolicy.MULTI else 1
+        inputs = assemble(self.adapter, batch, encoded, final, self.position_policy, m)
         llm_kwargs = dict(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
             position_ids=self.adapter.llm_position_ids(inputs.position_ids, inputs.attention_mask),
         )
-        in_llm = reducer.stage is Stage.IN_LLM and flat_images
-        context = InLLMReduction(self.adapter.decoder_layers, reducer, inputs) if in_llm else nullcontext()
-        info = dict(batch=batch, encoded=encoded, selections=selections, inputs=inputs, per_prompt=per_prompt)
+        context = self.llm_context(inputs, records if flat_images else None)
+        info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=per_prompt, records=records)
         return llm_kwargs, context, info
+
+    def llm_context(self, inputs, records, replay=None):
+        """The LLM-site hooks for one batch (a no-op context when no stage acts in the LLM and positions are single)."""
+        steps = [Step(layer, stage, records[id(stage)], request) for layer, stage, request in self._llm_steps] if records else []
+        rotary = self.plan.multi_rotary(self.adapter.text_config) if self.position_policy is PositionPolicy.MULTI else None
+        if not steps and rotary is None:
+            return nullcontext()
+        return LLMRun(self.adapter, steps, inputs, multi_rotary=rotary, replay=replay)
 
     # ---- running --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -174,8 +242,8 @@ class Pipeline:
         timer.prepare_ms = (timer.now() - start) * 1e3
         tokenizer = self.adapter.tokenizer
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        if generate_kwargs.get("num_beams", 1) != 1 and self.reducer.stage is Stage.IN_LLM:
-            raise InputError("beam search is not supported with in-LLM reducers (the kept sets are per sample)")
+        if generate_kwargs.get("num_beams", 1) != 1 and isinstance(context, LLMRun):
+            raise InputError("beam search is not supported with LLM-site reducers or multi positions (the kept sets are per sample)")
         with context, timer:
             output = self.model.generate(**llm_kwargs, max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
         return self._generations(output, context, info, timer)
@@ -183,34 +251,34 @@ class Pipeline:
     def _generations(self, output, context, info, timer):
         tokenizer = self.adapter.tokenizer
         eos = {tokenizer.eos_token_id} | set(_as_list(self.model.generation_config.eos_token_id))
-        inputs, encoded, selections = info["inputs"], info["encoded"], info["selections"]
-        in_llm = isinstance(context, InLLMReduction)
+        inputs, encoded, final, records = info["inputs"], info["encoded"], info["final"], info["records"]
+        run = context if isinstance(context, LLMRun) and context.steps else None
         num_layers = len(self.adapter.decoder_layers)
         results, image_cursor = [], 0
         for sample, row in enumerate(output.tolist()):
             new_tokens = _strip_after_eos(row, eos, tokenizer.pad_token_id)
             count = len(info["per_prompt"][sample])
-            sample_images = encoded[image_cursor : image_cursor + count]
-            sample_selections = selections[image_cursor : image_cursor + count]
+            image_ids = list(range(image_cursor, image_cursor + count))
             image_cursor += count
-            visual_in = sum(image.tokens.num_tokens for image in sample_images)
-            entered = sum(selection.num_kept for selection in sample_selections)
-            kept_indices = [selection.kept.tolist() for selection in sample_selections]
+            visual_in = sum(encoded[i].num_tokens_in for i in image_ids)
+            entered = sum(final[i].num_tokens for i in image_ids)
+            surviving = [inputs.visual_positions[sample][k] for k in range(count)]
             per_layer = [entered] * num_layers
-            if in_llm:
-                later = context.selections[sample]
-                kept_indices = [[int(i) for i in s.kept.tolist()] for s in later]
-                after = sum(s.num_kept for s in later)
-                per_layer = [entered] * context.layer + [after] * (num_layers - context.layer)
+            if run is not None:
+                surviving = [image["positions"] for image in run.samples[sample].images]
+                per_layer = run.visual_per_layer[sample]
+            kept_indices = [encoded[i].index_of(positions[:, 0] if positions.dim() == 3 else positions).tolist()
+                            for i, positions in zip(image_ids, surviving)]
             stats = dict(
-                reducer=self.reducer.name,
-                keep=self.reducer.keep,
+                reducer=self.plan.spec,
+                keep=self.plan.keep,
                 position_policy=self.position_policy.value,
                 visual_tokens_in=visual_in,
                 visual_tokens_kept=per_layer[-1] if per_layer else entered,
                 visual_tokens_per_layer=per_layer,
                 prefill_tokens=int(inputs.attention_mask[sample].sum()),
                 kept_indices=kept_indices,
+                stages=[records[id(stage)].summary(image_ids) for stage in self.plan.stages],
                 new_tokens=len(new_tokens),
                 prepare_ms=timer.prepare_ms,
                 prefill_ms=timer.prepare_ms + timer.prefill_ms,
