@@ -115,7 +115,6 @@ class LLMRun:
         self.handles, self.calls = [], 0
         self.selections = {}  # (step index, sample, image) -> Selection
         self.layer_alive = {}  # layer -> list per sample of original indices it read in prefill
-        self.final_cut = None  # per sample: set of original indices cut from earlier caches (known after prefill)
         self.visual_per_layer = None  # per sample: visual tokens each layer read in prefill
         self.signals = {}
 
@@ -138,7 +137,7 @@ class LLMRun:
 
     def record(self) -> dict:
         """What a replay needs: the selections and which tokens each sample cut from earlier caches."""
-        return dict(selections=self.selections, final_cut=self.final_cut)
+        return dict(selections=self.selections, final_cut=[set(state.cut) for state in self.samples])
 
     # ---- per call -------------------------------------------------------------------------------------------------
     def _on_call(self, module, args, kwargs):
