@@ -50,7 +50,9 @@ def add_parser(subparsers) -> None:
                                            "OUTPUT_PATH/<model>/<timestamp>_results.json.")
     ev.add_argument("--model", help="built-in name (e.g. tiny-llava) or a local Hugging Face folder")
     ev.add_argument("--model_args", "--model-args", default="", help="k=v,... passed to tokenomy.load (dtype=, device=, position_policy=)")
-    ev.add_argument("--reducer", "--reducers", default="none", help="comma list of reducers; every reducer x keep runs")
+    ev.add_argument("--reducer", "--reducers", default="none",
+                    help="comma list of reducers or stacked specs (vtc-cls:keep=128+fastv); every reducer x keep runs, "
+                         "--keep budgeting each spec's last stage")
     ev.add_argument("--reducer_args", "--reducer-args", "--method-args", default="",
                     help="k=v,... for every reducer but none; NAME.k=v for reducer NAME only (e.g. fastv.layer=3)")
     ev.add_argument("--keep", "--keeps", default="", help="comma list of visual-token budgets entering the LLM")
@@ -88,6 +90,7 @@ def run_eval_command(args) -> int:
     if not args.model or not args.data_dir:
         raise InputError("tokenomy eval needs --model and --data-dir (and --tasks)")
     from tokenomy.eval.runner import EvalConfig, run_eval
+    from tokenomy.reducers.plan import split_spec_list
 
     try:
         keeps = [int(k) for k in parse_list(args.keep)]
@@ -95,7 +98,7 @@ def run_eval_command(args) -> int:
         raise InputError(f"--keep takes comma-separated integers, got {args.keep!r}") from exc
     config = EvalConfig(
         model=args.model, tasks=parse_list(args.tasks), data_dir=args.data_dir, output_path=args.output_path,
-        reducers=parse_list(args.reducer), keeps=keeps, model_args=parse_kv(args.model_args),
+        reducers=split_spec_list(args.reducer or ""), keeps=keeps, model_args=parse_kv(args.model_args),
         reducer_args=parse_kv(args.reducer_args), batch_size=args.batch_size, limit=parse_limit(args.limit),
         log_samples=args.log_samples, seed=args.seed, resume=args.resume, on_error=args.on_error, gen_kwargs=parse_kv(args.gen_kwargs), video_frames=args.video_frames,
     )

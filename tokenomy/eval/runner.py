@@ -24,6 +24,7 @@ from tokenomy.eval.distributed import Group
 from tokenomy.eval.efficiency import FLOPS_FORMULA, Timer, aggregate_efficiency, peak_memory, reset_peak_memory, sample_efficiency
 from tokenomy.eval.store import RunStore, record_key
 from tokenomy.eval.tasks.base import Task
+from tokenomy.reducers.plan import parse_spec
 
 ON_ERROR_POLICIES = ("skip", "fail")
 NO_REDUCTION = "none"
@@ -68,13 +69,11 @@ class EvalConfig:
 
 
 def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
-    """`--reducer_args`: `key=v` goes to every reducer except `none`, `name.key=v` only to reducer `name`."""
+    """`--reducer_args`: `key=v` goes to every stage that accepts it (never to `none`), `name.key=v` only to the stages
+    called `name`; `keep` is the last stage's budget (tokenomy.reducers.build_plan routes them)."""
     if reducer == NO_REDUCTION:
         return {}
-    options = {k: v for k, v in config.reducer_args.items() if "." not in k}
-    prefix = reducer + "."
-    options.update({k[len(prefix):]: v for k, v in config.reducer_args.items() if k.startswith(prefix)})
-    return {**options, "keep": keep}
+    return {**config.reducer_args, "keep": keep}
 
 
 def keep_label(keep: int | None) -> str:
@@ -128,9 +127,9 @@ class Pipelines:
 
             self.first = load(self.config.model, reducer=reducer, device=self.device, **self.model_args, **options)
             return self.first
-        from tokenomy.reducers import create
+        from tokenomy.reducers import build_plan
 
-        return type(self.first)(self.first.model, self.first.processor, create(reducer, **options), name=self.first.name,
+        return type(self.first)(self.first.model, self.first.processor, build_plan(reducer, **options), name=self.first.name,
                                 position_policy=self.model_args.get("position_policy"))
 
 
@@ -140,10 +139,14 @@ def _check_config(config: EvalConfig) -> None:
     for name in config.tasks:
         task_registry.get(name)
     from tokenomy.reducers import available as available_reducers
+    from tokenomy.reducers import build_plan
 
-    unknown = [r for r in config.reducers if r not in available_reducers()]
+    names = [name for spec in config.reducers for name, _ in parse_spec(spec)]  # malformed specs fail here
+    unknown = [name for name in names if name not in available_reducers()]
     if unknown:  # before any data is read or model built
         raise UnknownNameError("reducer", unknown[0], available_reducers())
+    for spec in config.reducers:  # unknown options and impossible stage orders, before the model loads
+        build_plan(spec, **reducer_options(config, spec, config.keeps[0] if config.keeps else None))
     if any(r != NO_REDUCTION for r in config.reducers) and not config.keeps:
         raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64")
     if config.batch_size < 1:

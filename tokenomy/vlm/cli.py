@@ -18,8 +18,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="built-in name (tiny-llava, ...) or a local model folder")
     parser.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     parser.add_argument("--prompt", required=True, help="the question; '<image>' marks where images go")
-    parser.add_argument("--reducer", default="none", help="reducer name (see --list-reducers)")
-    parser.add_argument("--keep", type=int, default=None, help="visual tokens per image entering the LLM")
+    parser.add_argument("--reducer", default="none",
+                        help="a registered reducer or a stacked spec such as vtc-cls:keep=32+fastv (stages joined by +)")
+    parser.add_argument("--keep", type=int, default=None, help="the last stage's budget: visual tokens per image it keeps")
+    parser.add_argument("--position-policy", default=None, choices=["contiguous", "keep", "multi"],
+                        help="positions of the kept tokens (default: the model family's)")
     parser.add_argument("--reducer-arg", action="append", default=[], metavar="K=V", help="extra reducer option")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default=None)
@@ -39,7 +42,7 @@ def run(args) -> int:
         options[key] = _parse_value(value)
     if args.keep is not None:
         options["keep"] = args.keep
-    pipeline = tokenomy.load(args.model, reducer=args.reducer, device=args.device, **options)
+    pipeline = tokenomy.load(args.model, reducer=args.reducer, device=args.device, position_policy=args.position_policy, **options)
     images = args.image or None
     (result,) = pipeline.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens)
     if args.json:
@@ -52,4 +55,8 @@ def run(args) -> int:
             f" prefill {stats['prefill_tokens']} tokens in {stats['prefill_ms']:.1f} ms,"
             f" decode {stats['new_tokens']} tokens in {stats['decode_ms']:.1f} ms"
         )
+        for stage in stats["stages"]:
+            layers = f" layers {stage['layers']}" if stage["layers"] else ""
+            print(f"  {stage['reducer']} @ {stage['site']}{layers}: {stage['tokens_in']} -> {stage['tokens_out']} tokens,"
+                  f" {stage['ms']:.1f} ms")
     return 0
