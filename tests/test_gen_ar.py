@@ -73,9 +73,9 @@ def test_randar_parallel_steps_first_query_and_cache_match_fresh_forward():
         records.append(info["k"])
         torch.testing.assert_close(info["logits"][:, 0], fresh, atol=1e-4, rtol=1e-4)
         # the cache up to p_a must equal a fresh forward over the training layout [c, p_0, x_0, ..., p_a]
-        inputs, angles = model.layout(info["labels"], info["tokens_in_order"], info["order_angles"][:, : a + 1])
+        inputs, rope = model.layout(info["labels"], info["tokens_in_order"], info["order_rope"][:, : a + 1])
         fresh_cache = model.trunk.new_cache(inputs.shape[0], inputs.shape[1])
-        model.trunk(inputs, angles, torch.arange(inputs.shape[1]), fresh_cache)
+        model.trunk(inputs, rope, torch.arange(inputs.shape[1]), fresh_cache)
         for layer in range(CONFIG.depth):
             torch.testing.assert_close(info["cache"].keys[layer][:, :, : 2 * a + 2], fresh_cache.keys[layer], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(info["cache"].values[layer][:, :, : 2 * a + 2], fresh_cache.values[layer], atol=1e-5, rtol=1e-5)

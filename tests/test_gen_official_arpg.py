@@ -47,7 +47,7 @@ def test_arpg_loads_with_config_inferred_and_parameters_equal(arpg_file):
 
 
 def test_arpg_first_step_matches_hand_written_official_computation(arpg_file):
-    """Step 0 has one context entry (the class token at angle 0), so every attention returns its value: the official
+    """Step 0 has one context entry (the class token), so every attention returns its value: the official
     computation reduces to projections, SwiGLUs and RMSNorms of the class and mask embeddings, for any target cell."""
     path, state = arpg_file
     model = load_arpg(path, heads=HEADS, grid=GRID)

@@ -21,7 +21,7 @@ from torch import nn
 from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
 from tokenomy.generation.loaders import load_official_state, read_state_dict, require_keys, swiglu_hidden
 from tokenomy.generation.randar import make_order
-from tokenomy.generation.rope2d import apply_rope, grid_angles
+from tokenomy.generation.rope2d import apply_rope, condition_rotation, grid_angles, rotations
 from tokenomy.generation.sampling import apply_cfg, guidance_scale, sample_logits
 from tokenomy.generation.transformer import RMSNorm, SwiGLU
 
@@ -84,9 +84,9 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v = (nn.Linear(width, width, bias=False) for _ in range(3))
         self.proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x, angles, causal: bool, cache: ARPGCache | None = None, layer: int = 0):
+    def forward(self, x, rope, causal: bool, cache: ARPGCache | None = None, layer: int = 0):
         q, k, v = (_split_heads(f(x), self.heads) for f in (self.q, self.k, self.v))
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             if cache.self_kv[layer] is not None:
                 k, v = torch.cat([cache.self_kv[layer][0], k], 2), torch.cat([cache.self_kv[layer][1], v], 2)
@@ -101,8 +101,8 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(width, width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x, keys, values, query_angles, causal: bool):
-        q = apply_rope(_split_heads(self.q(x), self.heads), query_angles)
+    def forward(self, x, keys, values, query_rope, causal: bool):
+        q = apply_rope(_split_heads(self.q(x), self.heads), query_rope)
         return self.proj(_attend(q, keys, values, causal))
 
 
@@ -134,7 +134,8 @@ class ARPG(nn.Module):
         self.norm = RMSNorm(c.width, c.norm_eps)
         self.head = nn.Linear(c.width, c.vocab_size, bias=False)
         nn.init.zeros_(self.head.weight)
-        self.register_buffer("cell_angles", grid_angles(c.grid, c.grid, c.width // c.heads, c.rope_base), persistent=False)
+        cells = rotations(grid_angles(c.grid, c.grid, c.width // c.heads, c.rope_base))
+        self.register_buffer("cell_rotations", cells, persistent=False)
 
     @property
     def num_tokens(self) -> int:
@@ -145,26 +146,30 @@ class ARPG(nn.Module):
         return self.config.vocab_size
 
     def condition_ids(self, labels) -> torch.Tensor:
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.cell_angles.device)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.cell_rotations.device)
         if labels.ndim != 1 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.config.num_classes)):
             raise InputError(f"labels must be a 1D tensor of class ids in [0, {self.config.num_classes}], got {labels.tolist()}")
         return labels + self.config.vocab_size + 1  # label C (null class) lands on the official null id
 
-    def decode(self, context_ids, context_angles, query_angles, causal: bool, cache: ARPGCache | None = None):
+    def condition_rotation(self, batch: int) -> torch.Tensor:
+        # the official table's condition row is cos = sin = 0: the condition's q and k vanish in every layer
+        return condition_rotation("zero", batch, self.config.width // self.config.heads, self.cell_rotations.device)
+
+    def decode(self, context_ids, context_rope, query_rope, causal: bool, cache: ARPGCache | None = None):
         """Self-decoder over new context ids, shared K/V (appended to the cache), cross-decoder queries -> logits."""
         x = self.embed(context_ids)
         for layer, block in enumerate(self.self_blocks):
-            x = block(x, context_angles, causal, cache, layer)
+            x = block(x, context_rope, causal, cache, layer)
         h = self.context_norm(x)
-        keys = apply_rope(_split_heads(self.context_k(h), self.config.heads), context_angles)
+        keys = apply_rope(_split_heads(self.context_k(h), self.config.heads), context_rope)
         values = _split_heads(self.context_v(h), self.config.heads)
         if cache is not None:
             if cache.shared_kv is not None:
                 keys, values = torch.cat([cache.shared_kv[0], keys], 2), torch.cat([cache.shared_kv[1], values], 2)
             cache.shared_kv = (keys, values)
-        queries = self.embed.weight[self.mask_id].expand(x.shape[0], query_angles.shape[1], -1)
+        queries = self.embed.weight[self.mask_id].expand(x.shape[0], query_rope.shape[1], -1)
         for block in self.cross_blocks:
-            queries = block(queries, keys, values, query_angles, causal)
+            queries = block(queries, keys, values, query_rope, causal)
         return self.head(self.norm(queries)).float()
 
     def forward(self, labels, tokens, order):
@@ -173,9 +178,9 @@ class ARPG(nn.Module):
         if tokens.shape[1] != queries - 1:
             raise InputError(f"ARPG reads q-1 context tokens for q target cells, got {tokens.shape[1]} tokens for {queries} cells")
         context = torch.cat([self.condition_ids(labels)[:, None], tokens], 1)
-        target_angles = self.cell_angles[order]
-        context_angles = torch.cat([torch.zeros_like(target_angles[:, :1]), target_angles[:, :-1]], 1)
-        return self.decode(context, context_angles, target_angles, causal=True)
+        target_rope = self.cell_rotations[order]
+        context_rope = torch.cat([self.condition_rotation(batch), target_rope[:, :-1]], 1)
+        return self.decode(context, context_rope, target_rope, causal=True)
 
     @torch.no_grad()
     def generate(self, labels, steps: int = 64, schedule: str = "arccos", order="random", cfg: float = 1.0,
@@ -196,17 +201,17 @@ class ARPG(nn.Module):
         copies = 1 + guided
         if guided:
             cond = torch.cat([cond, torch.full_like(cond, self.config.vocab_size + 1 + self.config.num_classes)])
-        angles = self.cell_angles[order].repeat(copies, 1, 1)
+        rope = self.cell_rotations[order].repeat(copies, 1, 1, 1)
         in_order = torch.zeros(batch, total, dtype=torch.long, device=device)
-        context, context_angles = cond[:, None], torch.zeros_like(angles[:, :1])
+        context, context_rope = cond[:, None], self.condition_rotation(cond.shape[0])
         cache, decoded, all_logits = ARPGCache(len(self.self_blocks)), 0, []
         for k in arpg_step_sizes(total, steps, schedule):
-            logits = self.decode(context, context_angles, angles[:, decoded : decoded + k], causal=False, cache=cache)
+            logits = self.decode(context, context_rope, rope[:, decoded : decoded + k], causal=False, cache=cache)
             if guided:
                 logits = apply_cfg(logits, guidance_scale(cfg_schedule, cfg, decoded + k, total))
             in_order[:, decoded : decoded + k] = sample_logits(logits, temperature, top_k, top_p, generator)
             all_logits.append(logits)
-            context, context_angles = in_order[:, decoded : decoded + k].repeat(copies, 1), angles[:, decoded : decoded + k]
+            context, context_rope = in_order[:, decoded : decoded + k].repeat(copies, 1), rope[:, decoded : decoded + k]
             decoded += k
         tokens = in_order.new_zeros(batch, total).scatter(1, order, in_order)
         return (tokens, torch.cat(all_logits, 1)) if return_logits else tokens

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from tokenomy.checkpoint import load_checkpoint, save_checkpoint
-from tokenomy.errors import InputError
-from tokenomy.generation.rope2d import grid_angles
+from tokenomy.errors import InputError, UnknownNameError
+from tokenomy.generation.rope2d import CONDITION_ROPE, condition_rotation, grid_angles, rotations
 from tokenomy.generation.transformer import TransformerConfig, Trunk
 
 GENERATORS: dict[str, type["ARGenerator"]] = {}
@@ -35,6 +35,9 @@ class ARConfig:
     class_dropout: float = 0.1
     dropout: float = 0.0
     ffn_multiple_of: int = 64
+    # class-token RoPE row: "zero" as LlamaGen / RandAR (cos = sin = 0); "identity" (angle 0) is what the models
+    # tokenomy trained before that fix learned with, kept so their checkpoints compute what they were trained on
+    condition_rope: str = "zero"
 
 
 class ARGenerator(nn.Module):
@@ -48,12 +51,18 @@ class ARGenerator(nn.Module):
         self.token_embed = nn.Embedding(config.vocab_size, config.width)
         self.class_embed = nn.Embedding(config.num_classes + 1, config.width)  # last row = null class for CFG
         self.trunk = Trunk(TransformerConfig(config.width, config.depth, config.heads, config.ffn_multiple_of, config.dropout), config.vocab_size)
-        self.register_buffer("cell_angles", grid_angles(config.grid_rows, config.grid_cols, self.trunk.head_dim), persistent=False)
+        if config.condition_rope not in CONDITION_ROPE:
+            raise UnknownNameError("condition rope", config.condition_rope, CONDITION_ROPE)
+        cells = rotations(grid_angles(config.grid_rows, config.grid_cols, self.trunk.head_dim))
+        self.register_buffer("cell_rotations", cells, persistent=False)
         self.forward_passes = 0
 
     @property
     def num_tokens(self) -> int:
         return self.config.grid_rows * self.config.grid_cols
+
+    def condition_rotation(self, batch: int) -> torch.Tensor:
+        return condition_rotation(self.config.condition_rope, batch, self.trunk.head_dim, self.cell_rotations.device)
 
     @property
     def null_class(self) -> int:
@@ -81,5 +90,9 @@ class ARGenerator(nn.Module):
 
 
 def load_generator(directory) -> ARGenerator:
-    """Build a generator from a local folder written by `ARGenerator.save`."""
-    return load_checkpoint(directory, "generator", GENERATORS, lambda cls, config: cls(ARConfig(**config)))
+    """Build a generator from a local folder written by `ARGenerator.save`.
+
+    A config without `condition_rope` was saved before the field existed, by a model trained with angle 0.
+    """
+    return load_checkpoint(directory, "generator", GENERATORS,
+                           lambda cls, config: cls(ARConfig(**{"condition_rope": "identity", **config})))

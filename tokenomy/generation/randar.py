@@ -1,7 +1,7 @@
 """RandAR: any-order AR image generation with position-instruction tokens and parallel decoding.
 
 Training layout for an order pi: [c, p_pi(0), x_pi(0), p_pi(1), x_pi(1), ...]; the output at p_pi(i) predicts
-x_pi(i). p_j is one shared learned vector rotated by the RoPE angles of cell j (and, like the official model,
+x_pi(i). p_j is one shared learned vector rotated by the RoPE of cell j (and, like the official model,
 rotated again inside attention). Decoding several tokens per step appends several instruction queries; the
 next step rewrites their provisional cache entries so the cache is back in the exact training layout.
 """
@@ -15,8 +15,8 @@ from torch import nn
 
 from tokenomy.errors import InputError
 from tokenomy.generation.base import ARGenerator, register
-from tokenomy.generation.rope2d import apply_rope, grid_angles
-from tokenomy.generation.sampling import apply_cfg, guidance_scale, sample_logits
+from tokenomy.generation.rope2d import apply_rope, grid_angles, rotations
+from tokenomy.generation.sampling import apply_cfg, guidance_scale, sample_columns
 
 
 def cosine_step_sizes(total: int, steps: int) -> list[int]:
@@ -34,7 +34,8 @@ def cosine_step_sizes(total: int, steps: int) -> list[int]:
 
 
 def make_order(kind, batch: int, total: int, generator=None, device=None) -> torch.Tensor:
-    """'raster', 'random' (one uniform permutation per image) or an explicit [N] / [B, N] order."""
+    """'raster', 'random' (one uniform permutation per image, drawn image by image with randperm as RandAR does)
+    or an explicit [N] / [B, N] order."""
     if isinstance(kind, torch.Tensor):
         order = kind.to(device).long()
         order = order.expand(batch, -1) if order.ndim == 1 else order
@@ -44,7 +45,7 @@ def make_order(kind, batch: int, total: int, generator=None, device=None) -> tor
     if kind == "raster":
         return torch.arange(total, device=device).expand(batch, -1)
     if kind == "random":
-        return torch.rand(batch, total, generator=generator).argsort(-1).to(device)
+        return torch.stack([torch.randperm(total, generator=generator) for _ in range(batch)]).to(device)
     raise InputError(f"order must be 'raster', 'random' or a tensor, got {kind!r}")
 
 
@@ -54,32 +55,29 @@ class RandAR(ARGenerator):
         super().__init__(config)
         self.instruction = nn.Parameter(0.02 * torch.randn(config.width))
 
-    def instruction_tokens(self, angles: torch.Tensor) -> torch.Tensor:
-        """angles [B, L, Dh/2] -> p tokens [B, L, width]: the shared vector, per head, rotated to each cell."""
+    def instruction_tokens(self, rope: torch.Tensor) -> torch.Tensor:
+        """rope [B, L, Dh/2, 2] -> p tokens [B, L, width]: the shared vector, per head, rotated to each cell."""
         heads, head_dim = self.config.heads, self.trunk.head_dim
-        base = self.instruction.view(1, heads, 1, head_dim).expand(angles.shape[0], -1, angles.shape[1], -1)
-        return apply_rope(base, angles).transpose(1, 2).reshape(angles.shape[0], angles.shape[1], -1)
+        base = self.instruction.view(1, heads, 1, head_dim).expand(rope.shape[0], -1, rope.shape[1], -1)
+        return apply_rope(base, rope).transpose(1, 2).reshape(rope.shape[0], rope.shape[1], -1)
 
-    def _class_angle(self, batch: int) -> torch.Tensor:
-        return torch.zeros(batch, 1, self.trunk.head_dim // 2, device=self.instruction.device)
-
-    def layout(self, labels, tokens, order_angles):
-        """Training layout [c, p_0, x_0, ..., p_{q-1}] for q = order_angles.shape[1]; uses tokens[:, :q-1]."""
-        batch, q = order_angles.shape[:2]
-        p = self.instruction_tokens(order_angles)
+    def layout(self, labels, tokens, order_rope):
+        """Training layout [c, p_0, x_0, ..., p_{q-1}] for q = order_rope.shape[1]; uses tokens[:, :q-1]."""
+        batch, q = order_rope.shape[:2]
+        p = self.instruction_tokens(order_rope)
         x = self.token_embed(tokens[:, : q - 1])
         pairs = torch.stack([p[:, : q - 1], x], dim=2).flatten(1, 2)
         inputs = torch.cat([self.class_embed(labels)[:, None], pairs, p[:, q - 1 :]], dim=1)
-        pair_angles = order_angles[:, : q - 1].repeat_interleave(2, dim=1)
-        angles = torch.cat([self._class_angle(batch), pair_angles, order_angles[:, q - 1 :]], dim=1)
-        return inputs, angles
+        pair_rope = order_rope[:, : q - 1].repeat_interleave(2, dim=1)
+        rope = torch.cat([self.condition_rotation(batch), pair_rope, order_rope[:, q - 1 :]], dim=1)
+        return inputs, rope
 
-    def forward(self, labels: torch.Tensor, tokens: torch.Tensor, order: torch.Tensor, cell_angles=None) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, tokens: torch.Tensor, order: torch.Tensor, cell_rotations=None) -> torch.Tensor:
         """labels [B], tokens in decoding order [B, >= q-1], order [B, q] -> logits [B, q, V] (no cache)."""
-        cell_angles = self.cell_angles if cell_angles is None else cell_angles
-        inputs, angles = self.layout(labels, tokens, cell_angles[order])
+        cell_rotations = self.cell_rotations if cell_rotations is None else cell_rotations
+        inputs, rope = self.layout(labels, tokens, cell_rotations[order])
         self.forward_passes += 1
-        return self.trunk(inputs, angles)[:, 1::2]
+        return self.trunk(inputs, rope)[:, 1::2]
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, generator=None, order="random") -> torch.Tensor:
         order = make_order(order, tokens.shape[0], tokens.shape[1], generator, tokens.device)
@@ -95,25 +93,26 @@ class RandAR(ARGenerator):
 
     @torch.no_grad()
     def generate(self, labels, steps: int = 0, order="random", cfg: float = 1.0, cfg_schedule: str = "constant",
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 cfg_start: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
                  known: torch.Tensor | None = None, grid: tuple[int, int] | None = None, on_step=None):
         """Decode N tokens with the KV cache, several per step under the cosine schedule (`steps` < N).
 
         known [B, N] (-1 = unknown; the same positions known in every image) teacher-forces tokens first:
         inpainting and outpainting. `grid` larger than the trained grid decodes at a higher resolution with
-        NTK-mixed RoPE. `on_step(info)` is called after each forward with the cache and the step's logits.
+        NTK-mixed RoPE. `cfg_start` is where the linear CFG ramp starts (official cfg_scales = (cfg_start, cfg)).
+        Tokens are drawn one query column at a time, as the official loop. `on_step(info)` is called after each forward with the cache and the step's logits.
         Returns tokens [B, N] in grid (row-major) order.
         """
         labels = self.check_labels(labels).to(self.instruction.device)
         device, batch = labels.device, labels.shape[0]
         rows, cols = grid or (self.config.grid_rows, self.config.grid_cols)
         total = rows * cols
-        cell_angles = self.cell_angles if grid is None else grid_angles(rows, cols, self.trunk.head_dim, train_grid=self.config.grid_rows).to(device)
+        cell_rotations = self.cell_rotations if grid is None else rotations(grid_angles(rows, cols, self.trunk.head_dim, train_grid=self.config.grid_rows)).to(device)
         num_known, order = self._order_with_known(order, known, batch, total, generator, device)
         guided = not (cfg_schedule == "constant" and cfg == 1.0)
         cond = self.cfg_labels(labels, guided)
         copies = 1 + guided
-        order_angles = cell_angles[order].repeat(copies, 1, 1)
+        order_rope = cell_rotations[order].repeat(copies, 1, 1, 1)
         in_order = torch.zeros(batch, total, dtype=torch.long, device=device)
         if num_known:
             in_order[:, :num_known] = known.gather(1, order[:, :num_known])
@@ -121,27 +120,27 @@ class RandAR(ARGenerator):
         cache = self.trunk.new_cache(cond.shape[0], 8 * math.ceil((1 + 2 * total) / 8), device)
         decoded, k = num_known, sizes[0]
         # first forward: class token, teacher-forced known pairs, then the first k instruction queries
-        inputs, angles = self.layout(cond, in_order.repeat(copies, 1), order_angles[:, : decoded + 1])
+        inputs, rope = self.layout(cond, in_order.repeat(copies, 1), order_rope[:, : decoded + 1])
         if k > 1:
-            inputs = torch.cat([inputs, self.instruction_tokens(order_angles[:, decoded + 1 : decoded + k])], 1)
-            angles = torch.cat([angles, order_angles[:, decoded + 1 : decoded + k]], 1)
+            inputs = torch.cat([inputs, self.instruction_tokens(order_rope[:, decoded + 1 : decoded + k])], 1)
+            rope = torch.cat([rope, order_rope[:, decoded + 1 : decoded + k]], 1)
         positions = torch.arange(inputs.shape[1], device=device)
         for step, k in enumerate(sizes):
             self.forward_passes += 1
-            logits = self.trunk(inputs, angles, positions, cache)[:, -k:]
+            logits = self.trunk(inputs, rope, positions, cache)[:, -k:]
             if guided:
-                logits = apply_cfg(logits, guidance_scale(cfg_schedule, cfg, decoded, total))
-            in_order[:, decoded : decoded + k] = sample_logits(logits, temperature, top_k, top_p, generator)
+                logits = apply_cfg(logits, guidance_scale(cfg_schedule, cfg, decoded, total, start=cfg_start))
+            in_order[:, decoded : decoded + k] = sample_columns(logits, temperature, top_k, top_p, generator)
             if on_step is not None:
                 on_step({"step": step, "decoded": decoded, "k": k, "logits": logits, "cache": cache, "labels": cond,
-                         "tokens_in_order": in_order[:, : decoded + k].clone(), "order": order, "order_angles": order_angles})
+                         "tokens_in_order": in_order[:, : decoded + k].clone(), "order": order, "order_rope": order_rope})
             if step + 1 == len(sizes):
                 break
-            inputs, angles, positions = self._rewrite_input(in_order.repeat(copies, 1), order_angles, decoded, k, sizes[step + 1])
+            inputs, rope, positions = self._rewrite_input(in_order.repeat(copies, 1), order_rope, decoded, k, sizes[step + 1])
             decoded += k
         return in_order.new_zeros(batch, total).scatter(1, order, in_order)
 
-    def _rewrite_input(self, in_order, order_angles, decoded: int, k: int, next_k: int):
+    def _rewrite_input(self, in_order, order_rope, decoded: int, k: int, next_k: int):
         """[x_a, p_{a+1}, x_{a+1}, ..., p_{a+k-1}, x_{a+k-1}, p_{a+k}, ..., p_{a+k+next_k-1}] from buffer index 2+2a.
 
         The provisional entries of p_{a+1..a+k-1} written by the previous step are overwritten, now followed by
@@ -149,15 +148,15 @@ class RandAR(ARGenerator):
         """
         a = decoded
         x = self.token_embed(in_order[:, a : a + k])
-        p_angles = order_angles[:, a + 1 : a + k + next_k]
-        p = self.instruction_tokens(p_angles)
-        x_angles = order_angles[:, a : a + k]
+        p_rope = order_rope[:, a + 1 : a + k + next_k]
+        p = self.instruction_tokens(p_rope)
+        x_rope = order_rope[:, a : a + k]
         pairs = torch.stack([p[:, : k - 1], x[:, 1:]], dim=2).flatten(1, 2)
-        pair_angles = torch.stack([p_angles[:, : k - 1], x_angles[:, 1:]], dim=2).flatten(1, 2)
+        pair_rope = torch.stack([p_rope[:, : k - 1], x_rope[:, 1:]], dim=2).flatten(1, 2)
         inputs = torch.cat([x[:, :1], pairs, p[:, k - 1 :]], dim=1)
-        angles = torch.cat([x_angles[:, :1], pair_angles, p_angles[:, k - 1 :]], dim=1)
+        rope = torch.cat([x_rope[:, :1], pair_rope, p_rope[:, k - 1 :]], dim=1)
         positions = 2 + 2 * a + torch.arange(inputs.shape[1], device=inputs.device)
-        return inputs, angles, positions
+        return inputs, rope, positions
 
     def _order_with_known(self, order, known, batch, total, generator, device):
         if known is None:
@@ -178,7 +177,7 @@ class RandAR(ARGenerator):
 
     @torch.no_grad()
     def generate_sequential(self, labels, order="random", cfg: float = 1.0, cfg_schedule: str = "constant",
-                            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                            cfg_start: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                             generator: torch.Generator | None = None) -> torch.Tensor:
         """Reference decoder: one token per step, each step a fresh forward over the whole layout (no cache)."""
         labels = self.check_labels(labels).to(self.instruction.device)
@@ -190,6 +189,6 @@ class RandAR(ARGenerator):
         for j in range(total):
             logits = self.forward(cond, in_order[:, :j].repeat(1 + guided, 1), order[:, : j + 1].repeat(1 + guided, 1))[:, -1:]
             if guided:
-                logits = apply_cfg(logits, guidance_scale(cfg_schedule, cfg, j, total))
-            in_order[:, j : j + 1] = sample_logits(logits, temperature, top_k, top_p, generator)
+                logits = apply_cfg(logits, guidance_scale(cfg_schedule, cfg, j, total, start=cfg_start))
+            in_order[:, j : j + 1] = sample_columns(logits, temperature, top_k, top_p, generator)
         return in_order.new_zeros(batch, total).scatter(1, order, in_order)

@@ -10,16 +10,16 @@ from tokenomy.generation.sampling import apply_cfg, guidance_scale, sample_logit
 
 @register("raster")
 class RasterAR(ARGenerator):
-    def _angles(self, length: int, batch: int) -> torch.Tensor:
-        # the class token sits at angle 0; x_j carries the angle of its own cell j
-        zero = torch.zeros(1, self.cell_angles.shape[1], device=self.cell_angles.device)
-        return torch.cat([zero, self.cell_angles[: length - 1]]).expand(batch, -1, -1)
+    def _rope(self, length: int, batch: int) -> torch.Tensor:
+        # the class token takes the condition row (LlamaGen's is all zero); x_j the rotation of its own cell j
+        cells = self.cell_rotations[: length - 1].expand(batch, -1, -1, -1)
+        return torch.cat([self.condition_rotation(batch), cells], 1)
 
     def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """labels [B], tokens [B, t] (t < N) -> logits [B, t + 1, V] for x_0 ... x_t (no cache)."""
         x = torch.cat([self.class_embed(labels)[:, None], self.token_embed(tokens)], dim=1)
         self.forward_passes += 1
-        return self.trunk(x, self._angles(x.shape[1], x.shape[0]))
+        return self.trunk(x, self._rope(x.shape[1], x.shape[0]))
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
         logits = self.forward(self.drop_labels(labels, generator), tokens[:, :-1])
@@ -34,7 +34,7 @@ class RasterAR(ARGenerator):
 
         With `use_cache=False` every step re-runs the whole prefix (the reference the cache must match).
         """
-        labels = self.check_labels(labels).to(self.cell_angles.device)
+        labels = self.check_labels(labels).to(self.cell_rotations.device)
         total = self.num_tokens
         guided = not (cfg_schedule == "constant" and cfg == 1.0)
         cond = self.cfg_labels(labels, guided)
@@ -54,9 +54,9 @@ class RasterAR(ARGenerator):
                 else:
                     inputs = self.token_embed(tokens[:, j - 1 : j].repeat(1 + guided, 1))
                     positions = torch.tensor([j], device=labels.device)
-                angles = self._angles(j + 1, cond.shape[0])[:, positions]
+                rope = self._rope(j + 1, cond.shape[0])[:, positions]
                 self.forward_passes += 1
-                logits = self.trunk(inputs, angles, positions, cache)[:, -1]
+                logits = self.trunk(inputs, rope, positions, cache)[:, -1]
             else:
                 logits = self.forward(cond, tokens[:, :j].repeat(1 + guided, 1))[:, -1]
             if guided:

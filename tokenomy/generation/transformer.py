@@ -53,10 +53,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x, angles, input_pos=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope, input_pos=None, cache: KVCache | None = None, layer: int = 0):
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -87,8 +87,8 @@ class Block(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(config.width), SwiGLU(config.width, config.ffn_multiple_of)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, angles, input_pos=None, cache=None, layer=0):
-        x = x + self.dropout(self.attention(self.attention_norm(x), angles, input_pos, cache, layer))
+    def forward(self, x, rope, input_pos=None, cache=None, layer=0):
+        x = x + self.dropout(self.attention(self.attention_norm(x), rope, input_pos, cache, layer))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -110,7 +110,7 @@ class Trunk(nn.Module):
     def new_cache(self, batch: int, length: int, device=None) -> KVCache:
         return KVCache(self.config.depth, batch, self.config.heads, length, self.head_dim, device)
 
-    def forward(self, x, angles, input_pos=None, cache=None):
+    def forward(self, x, rope, input_pos=None, cache=None):
         for layer, block in enumerate(self.blocks):
-            x = block(x, angles, input_pos, cache, layer)
+            x = block(x, rope, input_pos, cache, layer)
         return self.head(self.norm(x))
