@@ -15,7 +15,7 @@ def scienceqa_letter(prediction: str, n_choices: int) -> str | None:
     (model_vqa_loader.py line 116): a bare letter A-E, an ``X. `` prefix, or exactly one ``The answer is X.``
     (the regex's ``.`` is any character); a letter outside the question's choices fails (get_pred_idx)."""
     prediction = prediction.strip()
-    options = LETTERS[:5]
+    options = list(LETTERS[:5])  # a list as upstream's --options: "" is not a member
     if prediction in options:
         letter = prediction
     elif len(prediction) >= 3 and prediction[0] in options and prediction[1:3] == ". ":
@@ -23,7 +23,7 @@ def scienceqa_letter(prediction: str, n_choices: int) -> str | None:
     else:
         found = re.findall(r"The answer is ([A-Z]).", prediction)
         letter = found[0] if len(found) == 1 else None
-    return letter if letter is not None and letter in LETTERS[:n_choices] else None
+    return letter if letter is not None and letter in options[:n_choices] else None
 
 
 _OPTION_PUNCTUATION = ".()[],:;!*#{}"
