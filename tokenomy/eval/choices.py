@@ -11,8 +11,11 @@ def format_options(options: list[str]) -> str:
 
 
 def scienceqa_letter(prediction: str, n_choices: int) -> str | None:
-    """LLaVA `eval_science_qa.py`: a bare letter, an `X. ` prefix, or exactly one `The answer is X.`; else failed."""
-    options = LETTERS[:5]
+    """haotian-liu/LLaVA llava/eval/eval_science_qa.py lines 65-77 on the stripped decoded text
+    (model_vqa_loader.py line 116): a bare letter A-E, an ``X. `` prefix, or exactly one ``The answer is X.``
+    (the regex's ``.`` is any character); a letter outside the question's choices fails (get_pred_idx)."""
+    prediction = prediction.strip()
+    options = list(LETTERS[:5])  # a list as upstream's --options: "" is not a member
     if prediction in options:
         letter = prediction
     elif len(prediction) >= 3 and prediction[0] in options and prediction[1:3] == ". ":
@@ -20,35 +23,54 @@ def scienceqa_letter(prediction: str, n_choices: int) -> str | None:
     else:
         found = re.findall(r"The answer is ([A-Z]).", prediction)
         letter = found[0] if len(found) == 1 else None
-    # A letter beyond the question's choices counts as failed, as in get_pred_idx.
-    return letter if letter is not None and letter in LETTERS[:n_choices] else None
+    return letter if letter is not None and letter in options[:n_choices] else None
 
 
 _OPTION_PUNCTUATION = ".()[],:;!*#{}"
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
-def option_letter_static(prediction: str, options: dict[str, str]) -> str | None:
-    """MMBench static extraction (no judge): one option letter standing alone among the words (`A`, `A.`, `(A)`,
-    `A:` ...), else one option text contained in the prediction; otherwise None (counted wrong).
+def option_letter_static(prediction: str, options: dict[str, str]) -> str:
+    """VLMEvalKit's exact matching (no judge), open-compass/VLMEvalKit at e8e78f05:
+    vlmeval/utils/matching_util.py ``can_infer`` (lines 18-61 ``can_infer_option``, 107-127 ``can_infer_text``)
+    with ``VERBOSE`` unset, and vlmeval/dataset/utils/multiple_choice.py lines 379-383: "Z" when nothing matches.
 
-    A lone "A" inside a longer sentence is read as the article, not the option, as VLMEvalKit does.
+    A letter standing alone among the words (after deleting ``.()[],:;!*#{}``) counts when it is the only
+    option letter present and sits among the last four words; a known refusal or a lone "Z" is "Z"; then
+    "answer is X"; then the only option text contained in the prediction (for predictions at most twice as
+    long as all option texts together).
     """
+    if "Failed to obtain answer via API" in prediction:
+        return "Z"
+    if any(refusal in prediction for refusal in _REFUSALS):
+        return "Z"
     words = prediction
     for ch in _OPTION_PUNCTUATION:
         words = words.replace(ch, " ")
     tokens = words.split()
-    letters = [letter for letter in options if letter in tokens]
-    if len(letters) == 1 and not (letters[0] == "A" and len(tokens) > 3):
-        return letters[0]
+    present = [letter for letter in options if letter in tokens]
+    if len(present) == 1:
+        for letter in options:
+            if letter in tokens and tokens.index(letter) > len(tokens) - 5:
+                return letter
+    elif not present and "Z" in tokens:
+        return "Z"
+    verbose = _VERBOSE_ANSWER.search(prediction)
+    if verbose and verbose.group(1).upper() in options:
+        return verbose.group(1).upper()
     lowered = prediction.lower()
-    matched = [letter for letter, text in options.items() if text and str(text).lower() in lowered]
-    return matched[0] if len(matched) == 1 else None
+    if len(lowered) > 2 * sum(len(str(text)) for text in options.values()):
+        return "Z"
+    matched = [letter for letter, text in options.items() if str(text).lower() in lowered]
+    return matched[0] if len(matched) == 1 else "Z"
 
 
 def first_letter(prediction: str) -> str:
-    """SEED-Bench: the first character of the stripped prediction."""
+    """lmms-eval lmms_eval/tasks/seedbench/utils.py lines 17-20: the first character of the stripped text."""
     stripped = prediction.strip()
-    return stripped[0] if stripped else ""
+    return stripped[:1]
 
 
 _VIDEOMME_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",

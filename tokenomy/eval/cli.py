@@ -86,6 +86,7 @@ def run_eval_command(args) -> int:
             task = task_registry.get(name)
             note = "  [needs an LLM judge API; skipped]" if task.requires_judge else ""
             print(f"{name:16s} {task.description}{note}")
+            print(f"{'':16s}   scored as: {task.reference}")
         return 0
     if not args.model or not args.data_dir:
         raise InputError("tokenomy eval needs --model and --data-dir (and --tasks)")

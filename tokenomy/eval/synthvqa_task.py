@@ -11,6 +11,7 @@ from tokenomy.eval.tasks.base import LoadResult, Task, mean_percent
 
 class SynthVQA(Task):
     name = "synthvqa"
+    reference = "tokenomy's own synthetic benchmark"
     description = "synthetic VQA test split, generated from fixed seeds (no files): exact match, accuracy per type"
     max_new_tokens = 4  # one-word answers
     split = "test"

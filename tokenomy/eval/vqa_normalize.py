@@ -1,7 +1,15 @@
-"""VQA answer normalisation (EvalAI / VQA `vqaEval.py`) and the 10-choose-9 soft accuracy.
+"""VQA answer normalisation and the 10-choose-9 soft accuracy, in the two conventions papers use.
 
-The rules are those of the reference evaluators used by VQAv2, TextVQA and VizWiz; quirks of the
-reference code are kept on purpose because published numbers were computed with them.
+- EvalAI (``vqa_soft_accuracy``): haotian-liu/LLaVA ``llava/eval/m4c_evaluator.py`` lines 7-257
+  (``EvalAIAnswerProcessor`` + ``TextVQAAccuracyEvaluator``, copied from facebookresearch/mmf): the
+  prediction and every ground truth go through word_tokenize, punctuation, digits/articles/contractions.
+  LLaVA submits VQAv2 / VizWiz predictions through the same processor (scripts/convert_*_for_submission.py).
+- vqaEval.py (``vqaeval_soft_accuracy``): GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``
+  lines 69-155: only newline/tab replacement and strip, and punctuation + digits/articles on both sides only
+  when the ground truths are not all identical; no word_tokenize (no lowercasing of the raw text, no "'s"
+  split), and its own digit-comma pattern.
+
+Quirks of the reference code are kept on purpose because published numbers were computed with them.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ PUNCTUATIONS = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_"
 # period not followed by a digit is removed. Kept verbatim for parity.
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+VQAEVAL_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")  # vqaEval.py line 63: exactly one comma between digits
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
@@ -46,9 +55,9 @@ def word_tokenize(text: str) -> str:
     return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
 
 
-def process_punctuation(text: str) -> str:
+def process_punctuation(text: str, comma_strip: re.Pattern = COMMA_STRIP) -> str:
     out = text
-    has_digit_comma = COMMA_STRIP.search(text) is not None
+    has_digit_comma = comma_strip.search(text) is not None
     for p in PUNCTUATIONS:
         if (p + " " in text or " " + p in text) or has_digit_comma:
             out = out.replace(p, "")
@@ -87,3 +96,27 @@ def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
         others_matching = matches - (g == pred)
         total += min(1.0, others_matching / 3.0)
     return total / len(gts)
+
+
+def vqaeval_soft_accuracy(prediction: str, answers: list[str]) -> float:
+    """GT-Vision-Lab vqaEval.py ``evaluate`` (lines 86-112) for one question.
+
+    Leave-one-out is by answer position: upstream compares answer dicts that carry a unique answer_id.
+    """
+    if not answers:
+        raise ValueError("vqaeval_soft_accuracy needs at least one ground-truth answer")
+
+    def clean(text: str) -> str:
+        return text.replace("\n", " ").replace("\t", " ").strip()
+
+    def normalise(text: str) -> str:
+        return process_digit_article(process_punctuation(text, VQAEVAL_COMMA_STRIP))
+
+    pred, gts = clean(prediction), [clean(a) for a in answers]
+    if len(set(gts)) > 1:
+        pred, gts = normalise(pred), [normalise(g) for g in gts]
+    matches = sum(g == pred for g in gts)
+    return sum(min(1.0, (matches - (g == pred)) / 3.0) for g in gts) / len(gts)
+
+
+SOFT_ACCURACY = {"evalai": vqa_soft_accuracy, "vqaeval": vqaeval_soft_accuracy}

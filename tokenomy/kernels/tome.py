@@ -8,17 +8,24 @@
 
 Each block runs attention (with log(size) added to every key's logits once tokens carry sizes), then merges
 r tokens by bipartite soft matching on the keys averaged over heads, then runs its MLP on the merged tokens
-(specs/reducers.md §6, specs/generation.md §10.1). The prefix tokens (CLS, registers) are protected. ``r`` is
-an int for every block or one int per block; it is clamped per block to the tokens that can still merge there
-(as the ToMe repository does), so a large r merges all it can instead of failing. Merging uses the dispatched
-kernels, re-exported here: ``tome.match``, ``tome.merge``, ``tome.unmerge``, ``tome.unmerge_add``.
+(specs/reducers.md §6, specs/generation.md §10.1). The prefix tokens (CLS, distillation token, registers) are
+protected. ``r`` is an int for every block or one int per block; a block merges min(r, (N - protected) // 2)
+tokens, the limit of facebookresearch/ToMe ``tome/merge.py::bipartite_soft_matching``, so a large r merges all it
+can instead of failing, and r = 0 leaves the tokens untouched.
+
+The merged tokens equal the official ToMe (``tome/patch/timm.py``) in value, size, source and order: with a class
+token the kept tokens stay in position order; without one (timm ``class_token=False``, SigLIP-style towers) they
+stay in descending-similarity order as ToMe leaves them, which changes which tokens later blocks pair up.
+``bipartite_soft_matching`` builds that plan for callers of their own. Merging uses the dispatched kernels,
+re-exported here: ``tome.match``, ``tome.merge``, ``tome.unmerge``, ``tome.unmerge_add`` (canonical order, r
+checked, not clamped; see tokenomy/kernels/merge.py).
 
 Outputs keep the model's own pooling: the CLS token stays first; average pooling averages merged tokens.
 Attention masks are not supported inside patched blocks (ViTs pass none); a mask raises InputError.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -26,9 +33,48 @@ import torch
 from tokenomy.errors import InputError
 from tokenomy.kernels.dispatch import (MergePlan, attention, log_size_bias, match, merge, partition, unmerge,
                                        unmerge_add)
+from tokenomy.kernels.merge import plan_from_scores
 
-__all__ = ["MergePlan", "ToMePatch", "ToMeState", "attention", "log_size_bias", "match", "merge", "patch",
-           "unmerge", "unmerge_add", "unpatch"]
+__all__ = ["MergePlan", "ToMePatch", "ToMeState", "attention", "bipartite_soft_matching", "log_size_bias", "match",
+           "merge", "patch", "unmerge", "unmerge_add", "unpatch"]
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: Sequence[int] = (),
+                            backend: Optional[str] = None) -> MergePlan:
+    """The plan of facebookresearch/ToMe ``tome/merge.py::bipartite_soft_matching`` for ``metric`` [B, N, C].
+
+    ``protected`` are the leading prefix tokens (ToMe: class token, then distillation token). r is clamped to
+    (N - len(protected)) // 2; r <= 0 gives the identity plan (``merge`` returns the tokens as they are).
+    Kept unprotected tokens follow ToMe's order: position order when a token is protected (ToMe sorts them
+    to keep the class token first), descending best-match similarity when none is. Exact score ties may
+    order differently from ToMe's unstable argsort.
+    """
+    metric = metric.contiguous()
+    batch, n = metric.shape[0], metric.shape[1]
+    a_idx, b_idx, n_protected = partition(n, protected, device=metric.device)
+    mergeable = a_idx.numel() - n_protected if b_idx.numel() else 0
+    r = min(int(r), (n - n_protected) // 2, mergeable)
+    if r <= 0:
+        return _identity_plan(batch, n, metric.device)
+    plan = match(metric, r, protected, backend=backend)
+    return plan if n_protected else _score_ordered(plan)
+
+
+def _identity_plan(batch: int, n: int, device) -> MergePlan:
+    # every position is a kept A row in position order and B is empty, so merge copies and unmerge gathers
+    everything = torch.arange(n, device=device)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return plan_from_scores(n, 0, everything, empty, 0, torch.full((batch, n), float("-inf"), device=device),
+                            torch.zeros(batch, n, dtype=torch.long, device=device))
+
+
+def _score_ordered(plan: MergePlan) -> MergePlan:
+    """The same merge with the kept A rows in descending-score order (ToMe without a class token)."""
+    order = torch.sort(plan.node_max, dim=-1, descending=True, stable=True).indices[:, plan.r:]
+    out_row = plan.out_row.clone()
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    out_row.scatter_(1, plan.a_idx[order], ranks)
+    return replace(plan, unm_idx=order, out_row=out_row)
 
 
 @dataclass
@@ -59,12 +105,13 @@ class ToMeState:
         self.tokens.append(n)
         if self.trace_source and self.source is None:
             self.source = torch.arange(n, device=x.device).expand(batch, n)
-        a_idx, b_idx, n_protected = partition(n, self.protected, device=x.device)
-        r = min(self.schedule[block_index], a_idx.numel() - n_protected if b_idx.numel() else 0)
-        if r <= 0:
+        if self.schedule[block_index] <= 0:
             return x
-        plan = match(metric, r, self.protected, backend=self.backend)
-        x, self.size = merge(x, plan, self.size, backend=self.backend)
+        plan = bipartite_soft_matching(metric, self.schedule[block_index], self.protected, self.backend)
+        if plan.r == 0:
+            return x
+        # timm towers without a class token hand over x as a strided view of the patch embedding
+        x, self.size = merge(x.contiguous(), plan, self.size, backend=self.backend)
         if self.trace_source:
             self.source = plan.out_row.gather(1, self.source)
         return x

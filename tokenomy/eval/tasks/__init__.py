@@ -4,15 +4,17 @@ from __future__ import annotations
 from tokenomy.errors import UnknownNameError
 from tokenomy.eval.tasks.base import LoadResult, Task
 from tokenomy.eval.tasks.gqa import GQA
-from tokenomy.eval.tasks.mme import MME
+from tokenomy.eval.tasks.mme import MME, MMELmmsEval
 from tokenomy.eval.tasks.multiple_choice import MMBench, MMBenchJudge, ScienceQAImg, SEEDBenchImage
 from tokenomy.eval.tasks.pope import POPE, POPEStrict
 from tokenomy.eval.tasks.videomme import VideoMME
 from tokenomy.eval.synthvqa_task import SynthVQA
-from tokenomy.eval.tasks.vqa import TextVQA, TextVQANoOCR, VizWiz, VQAJsonl, VQAv2
+from tokenomy.eval.tasks.vqa import (TextVQA, TextVQANoOCR, TextVQAVQAEval, VizWiz, VizWizVQAEval, VQAJsonl, VQAv2,
+                                     VQAv2VQAEval)
 
-_TASKS = {cls.name: cls for cls in (VQAv2, TextVQA, TextVQANoOCR, VizWiz, GQA, POPE, POPEStrict, MME, ScienceQAImg,
-                                      MMBench, MMBenchJudge, SEEDBenchImage, VideoMME, VQAJsonl, SynthVQA)}
+_TASKS = {cls.name: cls for cls in (VQAv2, VQAv2VQAEval, TextVQA, TextVQANoOCR, TextVQAVQAEval, VizWiz, VizWizVQAEval,
+                                      GQA, POPE, POPEStrict, MME, MMELmmsEval, ScienceQAImg, MMBench, MMBenchJudge,
+                                      SEEDBenchImage, VideoMME, VQAJsonl, SynthVQA)}
 
 
 def available() -> list[str]:

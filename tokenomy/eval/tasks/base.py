@@ -38,6 +38,7 @@ class Task:
     """
 
     name = ""
+    reference = ""  # the evaluator (repository + file) whose rules score() and aggregate() follow
     folder = ""  # sub-folder of --data-dir holding this task's files (the data dir itself is tried too)
     description = ""
     official_files = ""  # the distributed layout, for error messages

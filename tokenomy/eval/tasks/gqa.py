@@ -1,4 +1,9 @@
-"""GQA testdev-balanced: exact match after LLaVA's conversion (strip, drop a trailing period, lowercase)."""
+"""GQA testdev-balanced: exact match after LLaVA's conversion.
+
+haotian-liu/LLaVA scripts/convert_gqa_for_eval.py line 14 turns the stripped decoded text (model_vqa_loader.py
+line 116) into ``text.rstrip('.').lower()``; the official GQA eval.py then compares it to the answer as is.
+Nothing is stripped after the periods go, so "yes ." stays wrong.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +13,12 @@ from tokenomy.eval.tasks.base import SHORT_ANSWER, LoadResult, Task, as_str_id, 
 
 
 def gqa_normalize(text: str) -> str:
-    return text.strip().rstrip(".").lower().strip()
+    return text.strip().rstrip(".").lower()
 
 
 class GQA(Task):
     name = "gqa"
+    reference = "LLaVA scripts/convert_gqa_for_eval.py + official GQA eval.py (exact match)"
     folder = "gqa"
     description = "GQA testdev-balanced: exact-match accuracy"
     official_files = "testdev_balanced_questions.json (dict questionId -> {imageId, question, answer}), images images/<imageId>.jpg"
@@ -48,7 +54,7 @@ class GQA(Task):
         return doc["answer"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        return {"score": float(gqa_normalize(prediction) == gqa_normalize(doc["answer"]))}
+        return {"score": float(gqa_normalize(prediction) == doc["answer"])}
 
     def aggregate(self, records: list[dict]) -> dict:
         return {"accuracy": mean_percent([r["score"] for r in records])}

@@ -1,4 +1,10 @@
-"""MME: yes/no pairs per image; per subtask acc + acc+ (max 200), perception (10 subtasks) and cognition (4)."""
+"""MME: yes/no pairs per image; per subtask acc + acc+ (max 200), perception (10 subtasks) and cognition (4).
+
+``mme`` parses answers as the official MME eval_tool/calculation.py (``parse_pred_ans``; LLaVA's
+scripts/v1_5/eval/mme.sh runs it on the stripped decoded text): lowercase, exact yes/no, else yes/no among the
+first 4 characters. ``mme-lmms-eval`` parses as lmms-eval lmms_eval/tasks/mme/utils.py lines 48-69, which also
+deletes every period first and reads a lone "y"/"n". Aggregation (acc, acc+, sums) is the same in both.
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -13,8 +19,8 @@ IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
 def mme_parse(text: str) -> str:
-    """The official calculation.py rule: exact yes/no, else yes/no within the first 4 characters, else other."""
-    text = text.lower().strip().replace(".", "")
+    """MME calculation.py ``parse_pred_ans`` after its ``pred_ans.lower()``, on the stripped decoded text."""
+    text = text.strip().lower()
     if text in ("yes", "no"):
         return text
     prefix = text[:4]
@@ -25,14 +31,34 @@ def mme_parse(text: str) -> str:
     return "other"
 
 
+def mme_parse_lmms_eval(text: str) -> str:
+    """lmms-eval lmms_eval/tasks/mme/utils.py ``parse_pred_ans`` (lines 48-69)."""
+    text = text.lower().strip().replace(".", "")
+    if text in ("yes", "no"):
+        return text
+    if len(text) == 1:
+        return {"y": "yes", "n": "no"}.get(text, "other")
+    prefix = text[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return "other"
+
+
 class MME(Task):
     name = "mme"
+    reference = "MME eval_tool/calculation.py (as run by LLaVA scripts/v1_5/eval/mme.sh)"
     folder = "mme"
     description = "MME: perception and cognition scores (acc + acc+ per subtask)"
     official_files = ("one folder per subtask (existence, count, ..., code_reasoning) holding images and "
                       "<image>.txt or questions_answers_YN/<image>.txt with lines 'question<TAB>Yes|No'")
     row_fields = "question_id, question, answer, category, image"
     primary_metric = "perception"
+    lmms_eval_parsing = False
+
+    def config(self) -> dict:
+        return {**super().config(), "parsing": "lmms-eval" if self.lmms_eval_parsing else "calculation.py"}
 
     def read_official(self, root: Path) -> LoadResult | None:
         subtasks = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in PERCEPTION + COGNITION]
@@ -94,7 +120,7 @@ class MME(Task):
         return doc["answer"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        parsed = mme_parse(prediction)
+        parsed = mme_parse_lmms_eval(prediction) if self.lmms_eval_parsing else mme_parse(prediction)
         return {"score": float(parsed == doc["answer"]), "parsed": parsed, "subtask": doc["subtask"], "image_key": doc["image_key"]}
 
     def aggregate(self, records: list[dict]) -> dict:
@@ -115,3 +141,10 @@ class MME(Task):
             "accuracy": 100.0 * sum(r["score"] for r in records) / len(records) if records else 0.0,
             "subtasks": subtasks,
         }
+
+
+class MMELmmsEval(MME):
+    name = "mme-lmms-eval"
+    reference = "lmms-eval lmms_eval/tasks/mme/utils.py"
+    description = "MME with lmms-eval's answer parsing (periods removed, lone y/n accepted)"
+    lmms_eval_parsing = True

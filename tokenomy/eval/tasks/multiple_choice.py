@@ -1,4 +1,7 @@
-"""Image multiple-choice tasks: ScienceQA-IMG, MMBench (CircularEval, static extraction), SEED-Bench image."""
+"""Image multiple-choice tasks: ScienceQA-IMG, MMBench (CircularEval, static extraction), SEED-Bench image.
+
+The answer-letter rules live in tokenomy/eval/choices.py, each transcribed from the evaluator named there.
+"""
 from __future__ import annotations
 
 import math
@@ -18,6 +21,7 @@ def _missing(value) -> bool:
 
 class ScienceQAImg(Task):
     name = "scienceqa-img"
+    reference = "LLaVA llava/eval/eval_science_qa.py (IMG-Accuracy)"
     folder = "scienceqa"
     description = "ScienceQA test, image subset: IMG-accuracy (LLaVA letter parsing)"
     official_files = "problems.json + pid_splits.json, images images/test/<pid>/image.png"
@@ -67,10 +71,12 @@ class MMBench(Task):
     """MMBench dev (EN) with CircularEval: a question counts only if every rotation of its options is right.
 
     Rotations come from the file when it has them (rows with index >= 1e6, grouped by index % 1e6); otherwise
-    they are generated here as LLaVA's `--all-rounds` does. Letters are extracted statically (no judge).
+    they are generated here as LLaVA's `--all-rounds` does. Letters are extracted as VLMEvalKit's exact matching
+    does (``can_infer``, no judge; "Z" when nothing matches), and a group passes only when every rotation does.
     """
 
     name = "mmbench"
+    reference = "VLMEvalKit vlmeval/utils/matching_util.py can_infer + CircularEval (exact matching, no judge)"
     folder = "mmbench"
     description = "MMBench dev: CircularEval accuracy with static letter extraction"
     official_files = "mmbench_dev*.tsv (index, question, hint, A..E, answer, category, image base64)"
@@ -156,12 +162,16 @@ class MMBench(Task):
 
 class MMBenchJudge(MMBench):
     name = "mmbench-judge"
+    reference = "VLMEvalKit with a GPT judge when can_infer fails (judge not implemented here)"
     description = "MMBench with GPT-assisted answer extraction (needs an LLM judge API; skipped by default)"
     requires_judge = True
 
 
 class SEEDBenchImage(Task):
+    """SEED-Bench v1 image questions scored as lmms-eval's ``seedbench`` task scores ``seed_image``."""
+
     name = "seed-bench"
+    reference = "lmms-eval lmms_eval/tasks/seedbench/utils.py (first character, case-insensitive)"
     folder = "seed-bench"
     description = "SEED-Bench v1 image questions: accuracy (first-letter match), per question type"
     official_files = "SEED-Bench.json ({questions: [...]}), images SEED-Bench-image/<data_id>"
@@ -201,7 +211,9 @@ class SEEDBenchImage(Task):
 
     def score(self, doc: dict, prediction: str) -> dict:
         letter = first_letter(prediction)
-        return {"score": float(letter == doc["answer"]), "parsed": letter, "question_type": doc["question_type"]}
+        # seed_aggregation_result (utils.py lines 27-34) compares lowercased, stripped pred and answer
+        correct = letter.lower().strip() == doc["answer"].lower().strip()
+        return {"score": float(correct), "parsed": letter, "question_type": doc["question_type"]}
 
     def aggregate(self, records: list[dict]) -> dict:
         types: dict[str, list[float]] = defaultdict(list)

@@ -1,7 +1,10 @@
 """POPE (COCO): yes/no object hallucination over the adversarial, popular and random splits.
 
-Default parsing is LLaVA's `eval_pope.py` (first sentence, any of No/not/no -> "no", else "yes"), the rule the
-papers follow; `pope-strict` is lmms-eval's verbatim comparison. Positive class is "yes".
+``pope`` follows haotian-liu/LLaVA llava/eval/eval_pope.py, the rule papers follow: first sentence, any word
+No/not/no -> "no", else "yes"; metrics per split, and the mean over the splits that papers report.
+``pope-strict`` follows lmms-eval lmms_eval/tasks/pope/utils.py: the whole lowercased answer must be "yes" or
+"no"; its headline metrics pool the three splits (lmms-eval's ``pope`` task, one test split of all 9,000),
+and each split's metrics are those of ``pope_adv`` / ``pope_pop`` / ``pope_random``. Positive class is "yes".
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ SPLITS = ("adversarial", "popular", "random")
 
 
 def pope_parse_llava(text: str) -> str:
+    """haotian-liu/LLaVA llava/eval/eval_pope.py lines 11-20, on the stripped decoded text (model_vqa_loader.py:116)."""
+    text = text.strip()
     if "." in text:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
@@ -21,27 +26,47 @@ def pope_parse_llava(text: str) -> str:
 
 
 def pope_parse_strict(text: str) -> str:
-    return text.strip().lower()
+    """lmms-eval lmms_eval/tasks/pope/utils.py line 18: the whole answer, lowercased and stripped."""
+    return text.lower().strip()
 
 
 def binary_metrics(pairs: list[tuple[str, str]]) -> dict:
-    """pairs of (prediction, label) in {yes, no, other}; 'yes' is the positive class."""
-    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
-    fp = sum(p == "yes" and g == "no" for p, g in pairs)
-    tn = sum(p != "yes" and g == "no" for p, g in pairs)
-    fn = sum(p != "yes" and g == "yes" for p, g in pairs)
+    """LLaVA eval_pope.py lines 28-61: pairs of (parsed prediction, label); every non-"no" prediction is yes."""
+    tp = sum(p != "no" and g == "yes" for p, g in pairs)
+    fp = sum(p != "no" and g == "no" for p, g in pairs)
+    tn = sum(p == "no" and g == "no" for p, g in pairs)
+    fn = sum(p == "no" and g == "yes" for p, g in pairs)
     n = len(pairs)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    correct = sum(p == g for p, g in pairs)
-    return {"accuracy": 100.0 * correct / n if n else 0.0, "precision": 100.0 * precision, "recall": 100.0 * recall,
-            "f1": 100.0 * f1, "yes_ratio": 100.0 * sum(p == "yes" for p, _ in pairs) / n if n else 0.0,
+    return {"accuracy": 100.0 * (tp + tn) / n if n else 0.0, "precision": 100.0 * precision,
+            "recall": 100.0 * recall, "f1": 100.0 * f1,
+            "yes_ratio": 100.0 * sum(p != "no" for p, _ in pairs) / n if n else 0.0,
             "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n}
+
+
+def lmms_eval_metrics(pairs: list[tuple[str, str]]) -> dict:
+    """lmms-eval pope/utils.py lines 31-84 on (prediction, ground truth) pairs of one task.
+
+    Only an exact "yes" is a positive and only an exact "no" a false negative (an unparsed answer to a yes
+    question counts in neither recall term); the yes-ratio is the share of ground-truth yes.
+    """
+    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
+    fp = sum(p == "yes" and g == "no" for p, g in pairs)
+    fn = sum(p == "no" and g == "yes" for p, g in pairs)
+    n = len(pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": 100.0 * sum(p == g for p, g in pairs) / n if n else 0.0, "precision": 100.0 * precision,
+            "recall": 100.0 * recall, "f1": 100.0 * f1,
+            "yes_ratio": 100.0 * sum(g == "yes" for _, g in pairs) / n if n else 0.0, "n": n}
 
 
 class POPE(Task):
     name = "pope"
+    reference = "LLaVA llava/eval/eval_pope.py (per split; mean over splits)"
     folder = "pope"
     description = "POPE adversarial/popular/random: acc, precision, recall, F1, yes-ratio per split + mean (LLaVA parsing)"
     official_files = "coco_pope_{adversarial,popular,random}.json (JSON lines {question_id, image, text, label}), images val2014/<image>"
@@ -92,14 +117,19 @@ class POPE(Task):
         return {"score": float(parsed == doc["label"]), "parsed": parsed, "label": doc["label"], "split": doc["split"]}
 
     def aggregate(self, records: list[dict]) -> dict:
+        metrics = lmms_eval_metrics if self.strict else binary_metrics
         splits = sorted({r["split"] for r in records})
-        per_split = {s: binary_metrics([(r["parsed"], r["label"]) for r in records if r["split"] == s]) for s in splits}
-        means = {key: sum(per_split[s][key] for s in splits) / len(splits) if splits else 0.0
-                 for key in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+        per_split = {s: metrics([(r["parsed"], r["label"]) for r in records if r["split"] == s]) for s in splits}
+        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+        if self.strict:
+            pooled = metrics([(r["parsed"], r["label"]) for r in records])
+            return {**{k: pooled[k] for k in keys}, **per_split}
+        means = {k: sum(per_split[s][k] for s in splits) / len(splits) if splits else 0.0 for k in keys}
         return {**means, **per_split}
 
 
 class POPEStrict(POPE):
     name = "pope-strict"
-    description = "POPE with lmms-eval's verbatim yes/no comparison"
+    reference = "lmms-eval lmms_eval/tasks/pope/utils.py (exact yes/no; splits pooled)"
+    description = "POPE with lmms-eval's verbatim yes/no comparison and metrics, splits pooled"
     strict = True

@@ -16,6 +16,7 @@ PROMPT_HEAD = ("Select the best answer to the following multiple-choice question
 
 class VideoMME(Task):
     name = "videomme"
+    reference = "not yet checked: lmms-eval videomme/utils.py now extracts via _task_utils/mcq_extract.py"
     folder = "videomme"
     description = "Video-MME w/o subtitles: accuracy overall and by duration (short/medium/long)"
     official_files = "test-*.parquet (or JSON/JSONL) rows + videos data/<videoID>.mp4"

@@ -1,4 +1,9 @@
-"""Open-ended VQA with soft accuracy: VQAv2, TextVQA (with / without OCR tokens), VizWiz, and user JSONL."""
+"""Open-ended VQA with soft accuracy: VQAv2, TextVQA (with / without OCR tokens), VizWiz, and user JSONL.
+
+Each task scores in one of the two conventions of tokenomy/eval/vqa_normalize.py: ``evalai`` (the default:
+EvalAI server / LLaVA m4c_evaluator.py / lmms-eval) or ``vqaeval`` (the ``-vqaeval`` variants: GT-Vision-Lab
+vqaEval.py, the evaluator distributed with VQAv2).
+"""
 from __future__ import annotations
 
 import re
@@ -7,7 +12,7 @@ from pathlib import Path
 from tokenomy.errors import InputError
 from tokenomy.eval.data import image_ref, read_json
 from tokenomy.eval.tasks.base import SHORT_ANSWER, LoadResult, Task, as_str_id, mean_percent
-from tokenomy.eval.vqa_normalize import normalize_answer, vqa_soft_accuracy
+from tokenomy.eval.vqa_normalize import SOFT_ACCURACY, normalize_answer
 
 
 def answer_strings(answers) -> list[str]:
@@ -21,6 +26,16 @@ class SoftAccuracyTask(Task):
 
     row_fields = "question_id|id, question, answers, image"
     suffix = SHORT_ANSWER
+    convention = "evalai"
+
+    @property
+    def reference(self) -> str:
+        if self.convention == "vqaeval":
+            return "vqaEval.py (GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py)"
+        return "EvalAI processor (LLaVA llava/eval/m4c_evaluator.py, as lmms-eval and the EvalAI server)"
+
+    def config(self) -> dict:
+        return {**super().config(), "scoring": self.convention}
 
     def from_row(self, row: dict, base_dirs: list[Path]) -> dict:
         return {
@@ -45,7 +60,10 @@ class SoftAccuracyTask(Task):
         return doc["answers"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        return {"score": vqa_soft_accuracy(prediction, doc["answers"]), "normalized_prediction": normalize_answer(prediction)}
+        record = {"score": SOFT_ACCURACY[self.convention](prediction, doc["answers"])}
+        if self.convention == "evalai":
+            record["normalized_prediction"] = normalize_answer(prediction)
+        return record
 
     def aggregate(self, records: list[dict]) -> dict:
         return {"accuracy": mean_percent([r["score"] for r in records])}
@@ -91,7 +109,8 @@ class TextVQA(SoftAccuracyTask):
     ocr = True
 
     def config(self) -> dict:
-        return {**super().config(), "ocr_tokens_in_prompt": self.ocr, "protocol": "llava-1.5" if self.ocr else "lmms-eval"}
+        return {**super().config(), "ocr_tokens_in_prompt": self.ocr,
+                "protocol": "llava-1.5" if self.ocr else "lmms-eval"}
 
     def read_official(self, root: Path) -> LoadResult | None:
         qfile = root / "TextVQA_0.5.1_val.json"
@@ -127,6 +146,18 @@ class TextVQANoOCR(TextVQA):
     ocr = False
 
 
+class VQAv2VQAEval(VQAv2):
+    name = "vqav2-vqaeval"
+    description = "VQAv2 scored with vqaEval.py's rules (normalise only when the human answers disagree)"
+    convention = "vqaeval"
+
+
+class TextVQAVQAEval(TextVQA):
+    name = "textvqa-vqaeval"
+    description = "TextVQA val with OCR tokens, scored with vqaEval.py's rules"
+    convention = "vqaeval"
+
+
 class VizWiz(SoftAccuracyTask):
     name = "vizwiz"
     folder = "vizwiz"
@@ -151,3 +182,9 @@ class VQAJsonl(SoftAccuracyTask):
     folder = "vqa-jsonl"
     description = "generic JSONL of {id, image, question, answers}: soft accuracy"
     row_fields = "id, image, question, answers"
+
+
+class VizWizVQAEval(VizWiz):
+    name = "vizwiz-vqaeval"
+    description = "VizWiz-VQA val scored with vqaEval.py's rules"
+    convention = "vqaeval"
