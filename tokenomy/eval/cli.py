@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
                                description="Batch evaluation over tasks x reducers x keeps. Results go to "
                                            "OUTPUT_PATH/<model>/<timestamp>_results.json.")
     ev.add_argument("--model", help="built-in name (e.g. tiny-llava) or a local Hugging Face folder")
-    ev.add_argument("--model_args", "--model-args", default="", help="k=v,... passed to tokenomy.load (dtype=, device=, position_policy=)")
+    ev.add_argument("--model_args", "--model-args", default="", help="k=v,... for tokenomy.load: dtype= (bfloat16, float16, float32, auto), device=, position_policy=")
     ev.add_argument("--reducer", "--reducers", default="none", help="comma list of reducers; every reducer x keep runs")
     ev.add_argument("--reducer_args", "--reducer-args", "--method-args", default="",
                     help="k=v,... for every reducer but none; NAME.k=v for reducer NAME only (e.g. fastv.layer=3)")
@@ -73,8 +73,8 @@ def add_parser(subparsers) -> None:
                     help="continue the newest unfinished run started with the same arguments (--on-error may differ), "
                          "or the run RUN_ID (the <RUN_ID>_results.json stamp); without one, a new run starts")
     ev.add_argument("--on-error", "--on_error", dest="on_error", choices=("skip", "fail"), default="skip",
-                    help="bad sample (missing image, empty answers, malformed line): skip = report its id and go on; "
-                         "fail = stop at once naming it (finished samples stay on disk for --resume)")
+                    help="a sample that cannot be evaluated, for any reason: skip = list its id and reason in the results and "
+                         "go on; fail = stop at once naming it (finished samples stay on disk for --resume)")
     ev.add_argument("--gen_kwargs", "--gen-kwargs", default="", help="k=v,... for generate (e.g. max_new_tokens=16)")
     ev.add_argument("--video_frames", "--video-frames", type=int, default=8, help="frames sampled per video")
     ev.set_defaults(func=run_eval_command)

@@ -180,6 +180,12 @@ def _check_options(config: EvalConfig) -> None:
         raise InputError(f"--model_args {unknown[0]} is not an option of tokenomy.load (known: {', '.join(MODEL_ARGS)}); "
                          "reducer options go in --reducer_args, generation options in --gen_kwargs")
     resolve_dtype(config.model_args.get("dtype"))
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    unknown = sorted(k for k in config.gen_kwargs if not hasattr(defaults, k))
+    if unknown:
+        raise InputError(f"--gen_kwargs {unknown[0]} is not a generation option of transformers' generate")
     stray = sorted(k for k in config.reducer_args if "." in k and k.split(".", 1)[0] not in config.reducers)
     if stray:
         raise InputError(f"--reducer_args {stray[0]} names reducer {stray[0].split('.', 1)[0]!r}, which is not in "
@@ -328,6 +334,9 @@ def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group
         if group.is_main:
             records = [r for r in finished if (r["reducer"], r["keep"]) == (reducer, keep)] + merged
             summary = summarize(task, records, load_errors, len(docs))
+            if records and not summary["n-samples"]["scored"]:
+                report_problem(f"{task.name} {reducer}@{keep_label(keep)}: every sample failed, e.g. "
+                               f"{summary['errors'][-1]['id']}: {summary['errors'][-1]['message']}")
             results["results"].setdefault(task.name, {}).setdefault(reducer, {})[keep_label(keep)] = summary
             store.write_results(results)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,7 +86,8 @@ class RunStore:
         for path in sorted(Path(folder).glob(f"*{RESULTS_SUFFIX}"), reverse=True):
             try:
                 data = read_results(path)
-            except InputError:
+            except InputError as exc:
+                print(f"tokenomy eval: not a run to resume: {exc}", file=sys.stderr)
                 continue
             if not data.get("complete", False):
                 found.append((path.name[: -len(RESULTS_SUFFIX)], data))
