@@ -13,12 +13,17 @@ letter rules, MMBench CircularEval with static extraction, SEED first letter, Vi
 
 Outputs under `O/<model>/`: `<stamp>_results.json` (per task, reducer and keep: metrics, an efficiency block, sample
 counts, errors) rewritten after every combination, and with --log_samples `<stamp>_samples_<task>.jsonl`, one
-line per sample. `--resume` continues the newest unfinished run with the same arguments; finished chunks of
-samples are never re-run and never counted twice, even after SIGKILL.
+line per sample. `--resume` continues the newest unfinished run started with the same arguments (`--on-error` may
+differ), `--resume RUN_ID` that run; finished chunks of samples are never re-run and never counted twice, even
+after SIGKILL. A run that fails before its first sample (model, data, options) leaves no unfinished run behind.
+Every option is checked before data is read or the model is built.
 
-Bad samples (missing or unreadable image, empty answers, malformed line): with `--on-error skip` (default) each
-is reported on stderr and listed in the results with its id, and everything else is evaluated; with `fail` the
-run stops at the first one, naming it.
+Bad samples: rows unusable at load (malformed line, missing image file, null question, empty answers, duplicate
+id) and any failure of one sample at run time, whatever raised it (undecodable or oversized image, a prompt the
+model refuses, a scoring error). With `--on-error skip` (default) each is reported on stderr and listed in the
+results under `errors` with its id and reason, and everything else is evaluated; with `fail` the run stops at the
+first one, naming its id (the finished samples stay on disk for `--resume`, which may switch to `skip`).
+`n-samples`: selected = scored + skipped; rows unusable at load are counted whatever `--limit` says.
 
 Efficiency block: visual tokens in and kept, layer-averaged retention, prefill FLOPs (FastV convention, the
 formula is written into the results), prefill ms and decode ms per token (per batch, warm-up excluded;

@@ -38,10 +38,17 @@ def parse_list(text: str | None) -> list[str]:
 
 
 def parse_limit(text: str | None):
+    from tokenomy.eval.runner import check_limit
+
     if text is None:
         return None
-    value = float(text)
-    return int(value) if value >= 1 else value
+    try:
+        value = float(text)
+    except ValueError:
+        value = text
+    value = int(value) if isinstance(value, float) and value >= 1 and value.is_integer() else value
+    check_limit(value)
+    return value
 
 
 def add_parser(subparsers) -> None:
@@ -49,7 +56,7 @@ def add_parser(subparsers) -> None:
                                description="Batch evaluation over tasks x reducers x keeps. Results go to "
                                            "OUTPUT_PATH/<model>/<timestamp>_results.json.")
     ev.add_argument("--model", help="built-in name (e.g. tiny-llava) or a local Hugging Face folder")
-    ev.add_argument("--model_args", "--model-args", default="", help="k=v,... passed to tokenomy.load (dtype=, device=, position_policy=)")
+    ev.add_argument("--model_args", "--model-args", default="", help="k=v,... for tokenomy.load: dtype= (bfloat16, float16, float32, auto), device=, position_policy=")
     ev.add_argument("--reducer", "--reducers", default="none",
                     help="comma list of reducers or stacked specs (vtc-cls:keep=128+fastv); every reducer x keep runs, "
                          "--keep budgeting each spec's last stage")
@@ -59,14 +66,17 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--tasks", required=True, help="comma list of tasks, or 'list' to print them")
     ev.add_argument("--data-dir", "--data_dir", dest="data_dir", help="local folder holding each task's files")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=1)
-    ev.add_argument("--limit", default=None, help="first N samples per task (or a fraction in (0, 1))")
+    ev.add_argument("--limit", default=None, help="first N usable samples per task (or a fraction in (0, 1)); rows that "
+                                                  "cannot be read are listed whatever the limit")
     ev.add_argument("--output_path", "--output-path", default="eval_results")
     ev.add_argument("--log_samples", "--log-samples", action="store_true", help="keep <timestamp>_samples_<task>.jsonl")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--resume", action="store_true", help="continue the newest unfinished run with the same arguments")
+    ev.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_ID",
+                    help="continue the newest unfinished run started with the same arguments (--on-error may differ), "
+                         "or the run RUN_ID (the <RUN_ID>_results.json stamp); without one, a new run starts")
     ev.add_argument("--on-error", "--on_error", dest="on_error", choices=("skip", "fail"), default="skip",
-                    help="bad sample (missing image, empty answers, malformed line): skip = report its id and go on; "
-                         "fail = stop at once naming it (finished samples stay on disk for --resume)")
+                    help="a sample that cannot be evaluated, for any reason: skip = list its id and reason in the results and "
+                         "go on; fail = stop at once naming it (finished samples stay on disk for --resume)")
     ev.add_argument("--gen_kwargs", "--gen-kwargs", default="", help="k=v,... for generate (e.g. max_new_tokens=16)")
     ev.add_argument("--video_frames", "--video-frames", type=int, default=8, help="frames sampled per video")
     ev.set_defaults(func=run_eval_command)

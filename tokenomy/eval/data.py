@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from tokenomy.errors import InputError
+from tokenomy.io import load_image
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,8 @@ class ImageRef:
             if resolved is None:
                 raise InputError("the sample's image field is empty")
             return resolved.open()
-        try:
-            if self.pil is not None:
-                return self.pil.convert("RGB")
-            source = self.path if self.path is not None else io.BytesIO(self.data)
-            with Image.open(source) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read image {self.describe()}: {exc}") from exc
+        source = self.pil if self.pil is not None else self.path if self.path is not None else self.data
+        return load_image(source)
 
     def describe(self) -> str:
         if self.path is not None:

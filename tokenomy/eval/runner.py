@@ -22,12 +22,15 @@ from tokenomy.errors import InputError, TokenomyError, UnknownNameError
 from tokenomy.eval import tasks as task_registry
 from tokenomy.eval.distributed import Group
 from tokenomy.eval.efficiency import FLOPS_FORMULA, Timer, aggregate_efficiency, peak_memory, reset_peak_memory, sample_efficiency
-from tokenomy.eval.store import RunStore, record_key
+from tokenomy.eval.store import RESULTS_SUFFIX, RunStore, read_results, record_key
 from tokenomy.eval.tasks.base import Task
 from tokenomy.reducers.plan import parse_spec
 
 ON_ERROR_POLICIES = ("skip", "fail")
 NO_REDUCTION = "none"
+MODEL_ARGS = ("dtype", "device", "position_policy")  # the options of tokenomy.load that are not the reducer's
+# Options that decide what happens at a bad sample, not the numbers of a good one: a resumed run may change them.
+MAY_CHANGE_ON_RESUME = ("on_error",)
 
 
 @dataclass
@@ -46,7 +49,7 @@ class EvalConfig:
     limit: float | None = None
     log_samples: bool = False
     seed: int = 0
-    resume: bool = False
+    resume: bool | str = False  # True: the newest unfinished run with the same arguments; a string: that run's id
     on_error: str = "skip"
     gen_kwargs: dict = field(default_factory=dict)
     video_frames: int = 8
@@ -81,12 +84,25 @@ def keep_label(keep: int | None) -> str:
 
 
 def sanitize_model_name(model: str) -> str:
-    return model.strip().lstrip("./").rstrip("/").replace("/", "__") or "model"
+    """The output sub-folder: a built-in name as it is, a model folder by its own name (/models/llava-1.5-7b-hf ->
+    llava-1.5-7b-hf); runs of two folders with the same name share it and are told apart by their config."""
+    path = Path(model.strip()).expanduser()
+    return (path.name if path.name not in ("", ".", "..") else path.resolve().name) or "model"
+
+
+def check_limit(limit) -> None:
+    """--limit N keeps the first N usable samples of each task, a fraction in (0, 1) that share of them."""
+    fraction = isinstance(limit, float) and 0 < limit < 1
+    whole = isinstance(limit, (int, float)) and not isinstance(limit, bool) and math.isfinite(limit) and limit >= 1 \
+        and float(limit).is_integer()
+    if limit is not None and not (fraction or whole):
+        raise InputError(f"--limit takes a positive whole number of samples or a fraction in (0, 1), got {limit!r}")
 
 
 def apply_limit(docs: list, limit: float | None) -> list:
     if limit is None:
         return docs
+    check_limit(limit)
     count = math.ceil(limit * len(docs)) if 0 < limit < 1 else int(limit)
     return docs[:count]
 
@@ -139,35 +155,88 @@ def _check_config(config: EvalConfig) -> None:
     for name in config.tasks:
         task_registry.get(name)
     from tokenomy.reducers import available as available_reducers
-    from tokenomy.reducers import build_plan
 
     names = [name for spec in config.reducers for name, _ in parse_spec(spec)]  # malformed specs fail here
     unknown = [name for name in names if name not in available_reducers()]
     if unknown:  # before any data is read or model built
         raise UnknownNameError("reducer", unknown[0], available_reducers())
-    for spec in config.reducers:  # unknown options and impossible stage orders, before the model loads
-        build_plan(spec, **reducer_options(config, spec, config.keeps[0] if config.keeps else None))
     if any(r != NO_REDUCTION for r in config.reducers) and not config.keeps:
         raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64")
     if config.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {config.batch_size}")
+    check_limit(config.limit)
+    _check_options(config)
     if not Path(config.data_dir).exists():
         raise InputError(f"--data-dir {config.data_dir} does not exist")
 
 
-def _open_run(config: EvalConfig, folder: Path) -> tuple[str, dict]:
-    if config.resume:
-        found = RunStore.latest_incomplete(folder)
-        if found is not None:
-            stamp, results = found
-            previous = results.get("config", {})
-            differences = sorted(k for k in set(previous) | set(config.identity()) if previous.get(k) != config.identity().get(k))
-            if differences:
-                raise InputError(f"--resume: the unfinished run {stamp} in {folder} used different {', '.join(differences)}; "
-                                 "repeat its arguments or start a new run without --resume")
-            print(f"tokenomy eval: resuming run {stamp} in {folder}", file=sys.stderr)
+def _check_options(config: EvalConfig) -> None:
+    """Every option is checked here, before any data is read or the model is built (which takes seconds to minutes)."""
+    from tokenomy.reducers import build_plan
+    from tokenomy.vlm.loading import resolve_dtype
+
+    unknown = sorted(set(config.model_args) - set(MODEL_ARGS))
+    if unknown:
+        raise InputError(f"--model_args {unknown[0]} is not an option of tokenomy.load (known: {', '.join(MODEL_ARGS)}); "
+                         "reducer options go in --reducer_args, generation options in --gen_kwargs")
+    resolve_dtype(config.model_args.get("dtype"))
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    unknown = sorted(k for k in config.gen_kwargs if not hasattr(defaults, k))
+    if unknown:
+        raise InputError(f"--gen_kwargs {unknown[0]} is not a generation option of transformers' generate")
+    stage_names = {name for spec in config.reducers for name, _ in parse_spec(spec)}
+    stray = sorted(k for k in config.reducer_args if "." in k and k.split(".", 1)[0] not in stage_names)
+    if stray:
+        raise InputError(f"--reducer_args {stray[0]} names reducer {stray[0].split('.', 1)[0]!r}, which is not in "
+                         f"--reducer {','.join(config.reducers)}")
+    for reducer, keep in config.combos():  # unknown options and impossible stage orders
+        build_plan(reducer, **reducer_options(config, reducer, keep))
+
+
+def _differences(previous: dict, config: EvalConfig) -> list[str]:
+    mine = config.identity()
+    return sorted(k for k in set(previous) | set(mine) if k not in MAY_CHANGE_ON_RESUME and previous.get(k) != mine.get(k))
+
+
+def _find_run(config: EvalConfig, folder: Path) -> tuple[str, dict] | None:
+    """The unfinished run to continue: the one named by --resume RUN_ID, or the newest with the same arguments."""
+    if isinstance(config.resume, str):
+        stamp = Path(config.resume).name.removesuffix(RESULTS_SUFFIX)
+        path = folder / f"{stamp}{RESULTS_SUFFIX}"
+        if not path.is_file():
+            unfinished = [s for s, _ in RunStore.incomplete_runs(folder)]
+            raise InputError(f"--resume {config.resume}: no run {stamp} in {folder}; unfinished runs there: "
+                             f"{', '.join(unfinished) or 'none'}")
+        results = read_results(path)
+        if results.get("complete", False):
+            raise InputError(f"--resume {stamp}: that run in {folder} finished; start a new run without --resume")
+        differences = _differences(results.get("config", {}), config)
+        if differences:
+            raise InputError(f"--resume {stamp}: that run used different {', '.join(differences)} (see the config in "
+                             f"{path}); repeat its arguments")
+        return stamp, results
+    others = []
+    for stamp, results in RunStore.incomplete_runs(folder):
+        differences = _differences(results.get("config", {}), config)
+        if not differences:
             return stamp, results
-        print(f"tokenomy eval: --resume found no unfinished run in {folder}; starting a new one", file=sys.stderr)
+        others.append(f"{stamp} (different {', '.join(differences)})")
+    note = f"; unfinished runs with other arguments: {'; '.join(others)}" if others else ""
+    print(f"tokenomy eval: --resume found no unfinished run with these arguments in {folder}{note}; starting a new one",
+          file=sys.stderr)
+    return None
+
+
+def _open_run(config: EvalConfig, folder: Path) -> tuple[str, dict, bool]:
+    """(stamp, results, resumed)."""
+    found = _find_run(config, folder) if config.resume else None
+    if found is not None:
+        stamp, results = found
+        print(f"tokenomy eval: resuming run {stamp} in {folder}", file=sys.stderr)
+        results["config"] = config.identity()  # --on-error may have changed
+        return stamp, results, True
     import transformers
 
     from tokenomy import __version__
@@ -182,7 +251,7 @@ def _open_run(config: EvalConfig, folder: Path) -> tuple[str, dict]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
     }
-    return RunStore.new_stamp(folder), results
+    return RunStore.new_stamp(folder), results, False
 
 
 def _run(config: EvalConfig, group: Group) -> Path:
@@ -196,12 +265,23 @@ def _run(config: EvalConfig, group: Group) -> Path:
     opened = group.broadcast(opened)
     if isinstance(opened, str):
         raise InputError(opened)
-    stamp, results = opened
+    stamp, results, resumed = opened
     store = RunStore(folder, stamp)
     pipelines = Pipelines(config, group)
     results.update(world_size=group.world, device=str(config.model_args.get("device") or group.default_device()))
     if group.is_main:
         store.write_results(results)
+    try:
+        _run_tasks(config, pipelines, group, store, results)
+    except BaseException:
+        if group.is_main and not resumed and not results["results"] and not store.has_samples():
+            # Failed at start-up (model, data): nothing to resume, so no unfinished run is left behind.
+            store.results_path.unlink(missing_ok=True)
+        raise
+    return store.results_path
+
+
+def _run_tasks(config: EvalConfig, pipelines: Pipelines, group: Group, store: RunStore, results: dict) -> None:
     for name in config.tasks:
         task = task_registry.get(name)
         if task.requires_judge:
@@ -219,7 +299,6 @@ def _run(config: EvalConfig, group: Group) -> Path:
             for name in config.tasks:
                 store.remove_samples(name)
     group.barrier()
-    return store.results_path
 
 
 def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group, store: RunStore, results: dict) -> None:
@@ -256,6 +335,9 @@ def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group
         if group.is_main:
             records = [r for r in finished if (r["reducer"], r["keep"]) == (reducer, keep)] + merged
             summary = summarize(task, records, load_errors, len(docs))
+            if records and not summary["n-samples"]["scored"]:
+                report_problem(f"{task.name} {reducer}@{keep_label(keep)}: every sample failed, e.g. "
+                               f"{summary['errors'][-1]['id']}: {summary['errors'][-1]['message']}")
             results["results"].setdefault(task.name, {}).setdefault(reducer, {})[keep_label(keep)] = summary
             store.write_results(results)
 
@@ -266,7 +348,8 @@ def summarize(task: Task, records: list[dict], load_errors: list[dict], n_docs: 
     return {
         "metrics": task.aggregate(scored),
         "efficiency": aggregate_efficiency(scored),
-        "n-samples": {"selected": n_docs, "scored": len(scored), "skipped": len(failed) + len(load_errors)},
+        # selected = scored + skipped: rows unusable at load count as selected and skipped whatever --limit says
+        "n-samples": {"selected": n_docs + len(load_errors), "scored": len(scored), "skipped": len(failed) + len(load_errors)},
         "errors": load_errors + [{"id": r["id"], "message": r["error"]} for r in failed],
     }
 
@@ -297,7 +380,7 @@ def _warm_up(task, docs, chunk, pipeline, gen_kwargs) -> None:
     """One untimed call so that lazy initialisation and kernel selection stay out of the measurements."""
     try:
         pipeline.generate([task.media(docs[chunk[0]])], [task.prompt(docs[chunk[0]])], **{**gen_kwargs, "max_new_tokens": 2})
-    except (TokenomyError, OSError):
+    except Exception:
         pass  # a bad first sample is reported when its chunk runs
 
 
@@ -308,7 +391,7 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
     for i in chunk:
         try:
             ready.append((i, task.prompt(docs[i]), task.media(docs[i])))
-        except (TokenomyError, OSError) as exc:
+        except Exception as exc:  # whatever library raised it, the failure is this sample's alone
             records.append({**base(i), "error": _fail_or_describe(config, task, docs[i], exc)})
     batches = [ready] if ready else []
     while batches:
@@ -316,13 +399,13 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
         try:
             with Timer(pipeline.device) as timer:
                 generations = pipeline.generate([m for _, _, m in batch], [p for _, p, _ in batch], **gen_kwargs)
-        except TokenomyError as exc:
-            if len(batch) > 1 and config.on_error == "skip":
-                batches = [[item] for item in batch] + batches  # isolate the culprit, keep the others
+        except Exception as exc:
+            if len(batch) > 1:
+                batches = [[item] for item in batch] + batches  # isolate the culprit, to name it and keep the others
             else:
                 records.append({**base(batch[0][0]), "error": _fail_or_describe(config, task, docs[batch[0][0]], exc)})
             continue
-        records += _sample_records(task, docs, batch, generations, timer.ms, pipeline, base, config.log_samples)
+        records += _sample_records(config, task, docs, batch, generations, timer.ms, pipeline, base)
     return sorted(records, key=lambda r: r["doc_index"])
 
 
@@ -334,7 +417,7 @@ def _fail_or_describe(config, task, doc, exc) -> str:
     return message
 
 
-def _sample_records(task, docs, batch, generations, e2e_ms, pipeline, base, log_kept_indices) -> list[dict]:
+def _sample_records(config, task, docs, batch, generations, e2e_ms, pipeline, base) -> list[dict]:
     stats0 = generations[0].stats
     peak_mb, peak_kind = peak_memory(pipeline.device)
     batch_fields = {
@@ -349,10 +432,14 @@ def _sample_records(task, docs, batch, generations, e2e_ms, pipeline, base, log_
     }
     out = []
     for (i, prompt, _), generation in zip(batch, generations):
-        record = {**base(i), "prompt": prompt, "prediction": generation.text, "target": task.target(docs[i]),
-                  **task.score(docs[i], generation.text), **sample_efficiency(generation.stats, pipeline.text_config),
-                  **batch_fields}
-        if log_kept_indices and "kept_indices" in generation.stats:
+        try:
+            scored = {"target": task.target(docs[i]), **task.score(docs[i], generation.text)}
+        except Exception as exc:
+            out.append({**base(i), "error": _fail_or_describe(config, task, docs[i], exc)})
+            continue
+        record = {**base(i), "prompt": prompt, "prediction": generation.text, **scored,
+                  **sample_efficiency(generation.stats, pipeline.text_config), **batch_fields}
+        if config.log_samples and "kept_indices" in generation.stats:
             record["kept_indices"] = generation.stats["kept_indices"]
         out.append(record)
     return out

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from tokenomy.errors import InputError
 
 RESULTS_SUFFIX = "_results.json"
 
@@ -35,6 +38,17 @@ def atomic_write_json(path: Path, data) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def read_results(path: Path) -> dict:
+    """A `*_results.json` file, or an InputError naming it when it is not one (cut, hand-edited, another tool's)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read results file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise InputError(f"{path} is not a tokenomy eval results file (no 'results' object)")
+    return data
 
 
 def read_json_lines(path: Path) -> list[dict]:
@@ -66,16 +80,22 @@ class RunStore:
         return candidate
 
     @staticmethod
-    def latest_incomplete(folder: Path) -> tuple[str, dict] | None:
-        """(stamp, results) of the newest run in `folder` that did not finish, if any."""
+    def incomplete_runs(folder: Path) -> list[tuple[str, dict]]:
+        """(stamp, results) of every run in `folder` that did not finish, newest first (unreadable files skipped)."""
+        found = []
         for path in sorted(Path(folder).glob(f"*{RESULTS_SUFFIX}"), reverse=True):
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                data = read_results(path)
+            except InputError as exc:
+                print(f"tokenomy eval: not a run to resume: {exc}", file=sys.stderr)
                 continue
             if not data.get("complete", False):
-                return path.name[: -len(RESULTS_SUFFIX)], data
-        return None
+                found.append((path.name[: -len(RESULTS_SUFFIX)], data))
+        return found
+
+    def has_samples(self) -> bool:
+        """Whether any sample record of this run reached the disk (journals included)."""
+        return any(self.folder.glob(f"{self.stamp}_samples_*"))
 
     @property
     def results_path(self) -> Path:

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
+from tokenomy.errors import InputError, UnknownNameError
+from tokenomy.io import load_image
 from tokenomy.reducers.base import LLM_SIGNALS, ImageTokens, PositionPolicy, Site
 from tokenomy.reducers.plan import build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
 from tokenomy.vlm.adapters import ADAPTERS, adapter_for
 from tokenomy.vlm.assembly import assemble
 from tokenomy.vlm.in_llm import LLMRun, Step
+from tokenomy.vlm.loading import load_local, missing_folder_error, resolve_dtype
 from tokenomy.vlm.sites import StageRecord, encoder_requests, run_vision_stages, union_request
 from tokenomy.vlm.tiny import BUILDERS
 
@@ -33,25 +34,7 @@ def available_models() -> list:
 
 
 def _load_local(path: Path, dtype):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json: not a model folder in Hugging Face format")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ModelLoadError(f"{path}: unreadable config.json ({exc})") from exc
-    architectures = getattr(config, "architectures", None) or []
-    if not any(name in ADAPTERS for name in architectures):
-        raise ModelLoadError(
-            f"{path} holds a {architectures or config.model_type} model; supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from exc
-    return model, processor
+    return load_local(path, dtype, sorted(ADAPTERS))
 
 
 def load(model, reducer="none", device=None, dtype=None, position_policy=None, keep=None, **reducer_options) -> "Pipeline":
@@ -62,6 +45,7 @@ def load(model, reducer="none", device=None, dtype=None, position_policy=None, k
     arguments are reducer options (`name.key=value` for one stage of a stacked spec).
     """
     plan = build_plan(reducer, keep=keep, **reducer_options)
+    dtype = resolve_dtype(dtype)
     if isinstance(model, str) and model in BUILDERS:
         hf_model, processor = BUILDERS[model]()
         name = model
@@ -71,31 +55,19 @@ def load(model, reducer="none", device=None, dtype=None, position_policy=None, k
             hf_model, processor = _load_local(path, dtype)
             name = path.name
         elif os.sep in str(model) or path.exists():
-            raise ModelLoadError(f"model folder {model} does not exist or is not a folder")
+            raise missing_folder_error(str(model))
         else:
             raise UnknownNameError("model", str(model), BUILDERS)
     else:
         raise InputError(f"model must be a built-in name or a local folder, got {type(model).__name__}")
-    if dtype is not None:
+    if isinstance(dtype, torch.dtype):
         hf_model = hf_model.to(dtype)
     if device is not None:
-        hf_model = hf_model.to(device)
-    return Pipeline(hf_model.eval(), processor, plan, name=name, position_policy=position_policy)
-
-
-def load_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as opened:
-                opened.load()  # decode now, so a truncated file fails here and not deep inside the processor
-                return opened.convert("RGB")
-        except FileNotFoundError as exc:
-            raise InputError(f"image file not found: {image}") from exc
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise InputError(f"cannot read image {image}: {exc}") from exc
-    raise InputError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+            hf_model = hf_model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as exc:  # torch's errors for unknown or absent devices
+            raise InputError(f"device {device!r} cannot be used: {exc}") from exc
+    return Pipeline(hf_model.eval(), processor, plan, name=name, position_policy=position_policy)
 
 
 class Pipeline:

@@ -95,7 +95,7 @@ class Task:
     def add_doc(self, docs: list, errors: list, row: Any, origin: str, base_dirs: list[Path]) -> None:
         try:
             doc = self.from_row(row, base_dirs)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        except Exception as exc:  # a row of any shape becomes this row's error, never the task's
             errors.append(SampleError(row_id(row, origin), f"unusable row ({type(exc).__name__}: {exc})", origin))
             return
         if doc is not None:
@@ -118,7 +118,10 @@ class Task:
         checking = tqdm(result.docs, desc=f"checking {self.name} samples", unit="sample", leave=False,
                         disable=len(result.docs) < 5000)
         for doc in checking:
-            problem = self.validate(doc)
+            try:
+                problem = _question_problem(doc) or self.validate(doc)
+            except Exception as exc:  # a field of an unexpected type
+                problem = f"unusable row ({type(exc).__name__}: {exc})"
             if problem is None and doc["id"] in seen:
                 problem = f"duplicate id {doc['id']!r}"
             if problem is None:
@@ -158,6 +161,13 @@ class Task:
     def aggregate(self, records: list[dict]) -> dict:
         """Default: mean per-sample score as accuracy in percent."""
         return {"accuracy": mean_percent([r["score"] for r in records])}
+
+
+def _question_problem(doc: dict) -> str | None:
+    question = doc.get("question", "")
+    if not isinstance(question, str):
+        return f"question must be text, got {'null' if question is None else type(question).__name__}"
+    return None if question.strip() or "question" not in doc else "empty question"
 
 
 def mean_percent(values: list[float]) -> float:
