@@ -9,7 +9,7 @@ An HTML comment on the line just before a block (invisible on GitHub) says what 
 
     <!-- docs-test: skip reason="needs a real LLaVA-1.5 checkpoint on disk" -->    reported as a pytest skip
     <!-- docs-test: setup="python make_inputs.py" -->    bash command run in the block's folder first
-    <!-- docs-test: expect="256 -> 64" -->    text that must appear in what the block prints
+    <!-- docs-test: expect="256 -> 64" -->    text that must appear in what the block prints (repeatable)
 
 Keys combine in one comment. Blocks in other languages (text, json, ...) are not run; a fence without a language
 fails, so that a new shell example cannot escape by accident. New files under docs/ are picked up by the glob.
@@ -50,7 +50,10 @@ def parse_marker(text: str, where: str) -> dict:
         key, _, value = word.partition("=")
         if key not in MARKER_KEYS:
             raise ValueError(f"{where}: unknown docs-test key {key!r}; known: {sorted(MARKER_KEYS)}")
-        options[key] = value
+        if key == "expect":
+            options.setdefault("expect", []).append(value)
+        else:
+            options[key] = value
     if "skip" in options and not options.get("reason"):
         raise ValueError(f'{where}: a docs-test skip must say why: skip reason="..."')
     return options
@@ -134,8 +137,9 @@ def run_block(block: Block, workdir: Path):
         return f"{block.source}: the example exited with {done.returncode}\n{shown}"
     if not done.stdout.strip():
         return f"{block.source}: the example printed nothing; an example should show its result\n{shown}"
-    if "expect" in block.marker and block.marker["expect"] not in done.stdout:
-        return f"{block.source}: the example's output lacks {block.marker['expect']!r}\n{shown}"
+    missing = [text for text in block.marker.get("expect", []) if text not in done.stdout]
+    if missing:
+        return f"{block.source}: the example's output lacks {missing}\n{shown}"
     return None
 
 
@@ -149,7 +153,7 @@ def test_doc_example(block, tmp_path):
         pytest.fail(f"{block.source}: a fence without a language; write ```bash, ```python or ```text")
     assert block.language in LANGUAGES, f"{block.source}: unknown fence language {block.language!r}; runnable: {sorted(LANGUAGES)}, not run: {sorted(NOT_RUN)}"
     if "skip" in block.marker:
-        pytest.skip(block.marker["reason"])
+        pytest.skip(f"{block.source}: {block.marker['reason']}")
     problem = run_block(block, tmp_path)
     assert problem is None, problem
 
@@ -157,8 +161,8 @@ def test_doc_example(block, tmp_path):
 # The checker itself: it must catch the failures it exists for.
 
 
-def _block(language, code, **marker):
-    return Block("example.md:1", language, code, marker)
+def _block(language, code, expect=(), **marker):
+    return Block("example.md:1", language, code, {**marker, **({"expect": list(expect)} if expect else {})})
 
 
 def test_checker_catches_a_raising_a_silent_and_a_wrong_example(tmp_path):
@@ -166,8 +170,8 @@ def test_checker_catches_a_raising_a_silent_and_a_wrong_example(tmp_path):
     assert "printed nothing" in run_block(_block("python", "x = 1\n"), tmp_path)
     assert "printed nothing" in run_block(_block("bash", "true\n"), tmp_path)
     assert "exited with 3" in run_block(_block("bash", "echo partial\n(exit 3)\necho never\n"), tmp_path)
-    assert "lacks 'two'" in run_block(_block("python", "print('one')\n", expect="two"), tmp_path)
-    assert run_block(_block("python", "print('one two')\n", expect="two"), tmp_path) is None
+    assert "lacks ['two']" in run_block(_block("python", "print('one three')\n", expect=["one", "two"]), tmp_path)
+    assert run_block(_block("python", "print('one two')\n", expect=["one", "two"]), tmp_path) is None
 
 
 def test_checker_runs_console_commands_setup_and_this_checkout(tmp_path):
@@ -189,6 +193,8 @@ def test_markers_annotate_the_next_block_and_refuse_mistakes():
     assert (skipped.source, skipped.language, skipped.code, skipped.marker) == ("x.md:2", "bash", "nvidia-smi\n", {"skip": "", "reason": "needs a GPU"})
     assert (indented.language, indented.code, indented.marker) == ("python", "print(1)\n", {})
     assert bare.language == ""
+    (checked,) = extract_blocks('<!-- docs-test: expect="a b" expect=c -->\n```bash\necho a b c\n```\n', "x.md")
+    assert checked.marker == {"expect": ["a b", "c"]}
     with pytest.raises(ValueError, match="must say why"):
         extract_blocks("<!-- docs-test: skip -->\n```bash\nx\n```\n", "x.md")
     with pytest.raises(ValueError, match="unknown docs-test key 'skp'"):

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="built-in name (tiny-llava, ...) or a local model folder")
     parser.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     parser.add_argument("--prompt", required=True, help="the question; '<image>' marks where images go")
-    parser.add_argument("--reducer", default="none", help="reducer name (see --list-reducers)")
+    parser.add_argument("--reducer", default="none", help="reducer name; tokenomy.reducers.available() lists them")
     parser.add_argument("--keep", type=int, default=None, help="visual tokens per image entering the LLM")
     parser.add_argument("--reducer-arg", action="append", default=[], metavar="K=V", help="extra reducer option")
     parser.add_argument("--max-new-tokens", type=int, default=32)
