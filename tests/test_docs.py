@@ -5,7 +5,7 @@ Each ```python block runs as a script, each ```bash / ```sh block through bash (
 lines of each ```console block through bash, in a fresh temporary folder with this checkout first on PYTHONPATH and
 the interpreter's bin folder (python, tokenomy) first on PATH. A block fails if it exits non-zero or prints nothing.
 
-An HTML comment on the line just before a block (invisible on GitHub) says what a block needs:
+An HTML comment on one line just before a block (invisible on GitHub) says what a block needs:
 
     <!-- docs-test: skip reason="needs a real LLaVA-1.5 checkpoint on disk" -->    reported as a pytest skip
     <!-- docs-test: setup="python make_inputs.py" -->    bash command run in the block's folder first
@@ -65,6 +65,8 @@ def extract_blocks(text: str, name: str) -> list:
     while index < len(lines):
         line = lines[index]
         marker, fence = MARKER.match(line), FENCE.match(line)
+        if not marker and line.lstrip().startswith("<!--") and "docs-test" in line:
+            raise ValueError(f"{name}:{index + 1}: malformed marker; write <!-- docs-test: key=\"value\" ... --> on one line")
         if marker:
             pending = (parse_marker(marker.group(1), f"{name}:{index + 1}"), index + 1)
         elif fence:
@@ -199,6 +201,8 @@ def test_markers_annotate_the_next_block_and_refuse_mistakes():
         extract_blocks("<!-- docs-test: skip -->\n```bash\nx\n```\n", "x.md")
     with pytest.raises(ValueError, match="unknown docs-test key 'skp'"):
         extract_blocks('<!-- docs-test: skp reason="x" -->\n```bash\nx\n```\n', "x.md")
+    with pytest.raises(ValueError, match="malformed marker"):
+        extract_blocks('<!-- docs-test skip reason="x" -->\n```bash\nx\n```\n', "x.md")
     with pytest.raises(ValueError, match="followed by a code block"):
         extract_blocks('<!-- docs-test: skip reason="x" -->\nprose\n```bash\nx\n```\n', "x.md")
 
