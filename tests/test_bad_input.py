@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import tokenomy
 from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
@@ -88,3 +89,41 @@ def test_cli_generate_and_errors(tmp_path):
     failed = subprocess.run(command + ["generate", "--model", "tiny-llava", "--image", str(tmp_path / "no.png"), "--prompt", "x"],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "no.png" in failed.stderr
+
+
+def test_reserved_model_tokens_in_a_prompt_are_refused():
+    pipeline = tokenomy.load("tiny-qwen2-vl", "none")
+    with pytest.raises(InputError, match=r"prompt 1 contains the model's reserved token\(s\) \['<\|image_pad\|>'\]"):
+        pipeline.generate(random_images(2), ["ok", "what is <|image_pad|> here?"], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_max_new_tokens_must_be_positive(bad):
+    with pytest.raises(InputError, match="max_new_tokens must be an integer >= 1"):
+        tokenomy.load("tiny-llava", "none").generate(random_images(1), ["x"], max_new_tokens=bad)
+
+
+def test_prompt_beyond_the_context_is_refused_before_the_llm_runs():
+    pipeline = tokenomy.load("tiny-llava", "none")  # 1024 positions
+    calls = []
+    handle = pipeline.adapter.language_model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(InputError, match="prompt 0 needs positions up to .* beyond this model's 1024"):
+            pipeline.generate(random_images(1), ["word " * 300], max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_nan_scores_rank_last_in_vtc_cls():
+    from tokenomy.reducers import ImageTokens, create
+    from tokenomy.vision.base import CLS_ATTENTION, grid_positions
+
+    rows = torch.tensor([[float("nan"), 0.5, 0.1, float("nan"), 0.9, 0.2]])
+    image = ImageTokens(torch.randn(6, 4), grid_positions(1, 2, 3), {CLS_ATTENTION: rows})
+    assert create("vtc-cls", keep=3).select(image).kept.tolist() == [1, 4, 5]
+
+
+def test_fastv_layer_beyond_the_llm_is_refused_at_load():
+    with pytest.raises(InputError, match="fastv layer 9 must be in 1..3"):
+        tokenomy.load("tiny-llava", "fastv", keep=4, layer=9)

@@ -11,11 +11,13 @@ __version__ = "0.1.0"
 __all__ = ["load", "errors", "InputError", "ModelLoadError", "ShapeError", "TokenomyError", "UnknownNameError", "__version__"]
 
 
-def load(model, reducer="none", device=None, dtype=None, position_policy=None, **reducer_kwargs):
-    """Load a model (local HF folder or built-in name) with a token reducer; returns a `Pipeline`."""
+def load(model, reducer="none", device=None, dtype=None, position_policy=None, keep=None, **reducer_options):
+    """Load a model (local HF folder or built-in name) with a reducer or a stacked spec such as
+    "vtc-cls:keep=128+fastv"; `keep` is the last stage's budget. Returns a `Pipeline` (see docs/reducers.md)."""
     from tokenomy.vlm.pipeline import load as _load
 
-    return _load(model, reducer=reducer, device=device, dtype=dtype, position_policy=position_policy, **reducer_kwargs)
+    return _load(model, reducer=reducer, device=device, dtype=dtype, position_policy=position_policy, keep=keep,
+                 **reducer_options)
 
 
 def __getattr__(name):

@@ -157,8 +157,35 @@ class Pipeline:
             placeholders = prompt.count("<image>")
             if placeholders and placeholders != len(entry):
                 raise InputError(f"prompt {index} has {placeholders} '<image>' placeholders but {len(entry)} images")
+            self._refuse_reserved_tokens(index, prompt)
             per_prompt.append([load_image(image) for image in entry])
         return prompts, per_prompt
+
+    def _refuse_reserved_tokens(self, index, prompt):
+        """The model's own image/video tokens in a user's text would be read as placeholders; '<image>' is ours."""
+        config = self.model.config
+        reserved = {getattr(config, name, None) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                              "vision_end_token_id")} - {None}
+        ids = self.adapter.tokenizer(prompt.replace("<image>", " "), add_special_tokens=False)["input_ids"]
+        found = sorted(set(ids) & reserved)
+        if found:
+            names = self.adapter.tokenizer.convert_ids_to_tokens(found)
+            raise InputError(f"prompt {index} contains the model's reserved token(s) {names}; mark images with '<image>'")
+
+    def _check_lengths(self, inputs, max_new_tokens):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        limit = getattr(self.adapter.text_config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        positions = inputs.position_ids if inputs.position_ids.dim() == 2 else inputs.position_ids.amax(dim=0)
+        last = (positions * inputs.attention_mask).amax(dim=-1)
+        for sample, position in enumerate(last.tolist()):
+            if position + max_new_tokens >= limit:
+                raise InputError(
+                    f"prompt {sample} needs positions up to {position + max_new_tokens} ({int(inputs.attention_mask[sample].sum())} "
+                    f"prefill tokens + max_new_tokens={max_new_tokens}), beyond this model's {limit}; shorten the prompt"
+                )
 
     def prepare(self, images, prompts):
         """Process, encode, run the vision-site stages and assemble. Returns (llm_kwargs, context, info)."""
@@ -202,7 +229,8 @@ class Pipeline:
     @torch.no_grad()
     def forward(self, images, prompts):
         """Prefill logits [B, L', vocab] of the reduced sequence (left-padded)."""
-        llm_kwargs, context, _ = self.prepare(images, prompts)
+        llm_kwargs, context, info = self.prepare(images, prompts)
+        self._check_lengths(info["inputs"], 1)
         with context:
             return self.model(**llm_kwargs, use_cache=True).logits
 
@@ -211,6 +239,7 @@ class Pipeline:
         timer = _ForwardTimer(self.model)
         start = timer.now()
         llm_kwargs, context, info = self.prepare(images, prompts)
+        self._check_lengths(info["inputs"], max_new_tokens)
         timer.prepare_ms = (timer.now() - start) * 1e3
         tokenizer = self.adapter.tokenizer
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
