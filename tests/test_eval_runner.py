@@ -146,37 +146,46 @@ def test_incomplete_chunks_and_cut_lines_are_dropped(tmp_path):
     assert len(store.samples_path("t").read_text().splitlines()) == 2
 
 
+# The child stops itself at a known point (right after journaling the second chunk of the first `random`
+# combination) and signals it with a marker file, so the kill lands mid-sweep on every machine, however fast.
+PAUSE_AFTER_SECOND_RANDOM_CHUNK = """
+import pathlib, sys, time
+from tokenomy.eval.store import RunStore
+journal, seen = RunStore.journal, []
+
+def journal_then_pause(self, task, rank, records):
+    journal(self, task, rank, records)
+    seen.extend(r for r in records if r["reducer"] == "random")
+    if len(seen) >= 4:
+        pathlib.Path(sys.argv[1]).write_text("paused")
+        time.sleep(600)
+
+RunStore.journal = journal_then_pause
+from tokenomy.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     data = write_vqa_fixture(tmp_path / "data", n=16)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "tokenomy.cli", "eval", "--model", "tiny-llava", "--reducer", "none,random",
-               "--keep", "576,64", "--tasks", "vqa-jsonl", "--data-dir", str(data), "--output_path", str(out),
-               "--log_samples", "--batch_size", "2", "--gen_kwargs", "max_new_tokens=8"]
+    marker = tmp_path / "paused"
+    command = [sys.executable, "-c", PAUSE_AFTER_SECOND_RANDOM_CHUNK, str(marker), "eval", "--model", "tiny-llava",
+               "--reducer", "none,random", "--keep", "576,64", "--tasks", "vqa-jsonl", "--data-dir", str(data),
+               "--output_path", str(out), "--log_samples", "--batch_size", "2", "--gen_kwargs", "max_new_tokens=8"]
     proc = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     folder = out / "tiny-llava"
-    deadline = time.time() + 240
-
-    def read_or_empty(path):  # a journal is removed when its combination is merged
-        try:
-            return path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def combos_recorded():
-        text = next((read_or_empty(p) for p in folder.glob("*_results.json")), "")
-        by_reducer = json.loads(text)["results"].get("vqa-jsonl", {}) if text else {}
-        return sum(len(by_keep) for by_keep in by_reducer.values())
-
-    # Kill in the middle of the sweep: a combination is in the results and a chunk of the next one is journaled.
-    while time.time() < deadline and proc.poll() is None:
-        if any(len(read_or_empty(p).splitlines()) >= 2 for p in folder.glob("*.part")) and combos_recorded() >= 1:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, "the evaluation ended before reaching its pause point"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     state = json.loads(next(folder.glob("*_results.json")).read_text())
-    assert state["complete"] is False and 1 <= combos_recorded() < 3, state["results"]
-    assert list(folder.glob("*.part")), "the kill should leave a journal of the combination in progress"
+    assert state["complete"] is False and list(state["results"]["vqa-jsonl"]) == ["none"], state["results"]
+    (journal,) = folder.glob("*.part")
+    assert len(journal.read_text().splitlines()) == 4, "the kill should leave two journaled chunks of random@576"
 
     same = dict(tasks=["vqa-jsonl"], data_dir=str(data), reducers=["none", "random"], keeps=[576, 64], batch_size=2,
                 log_samples=True, model="tiny-llava", gen_kwargs={"max_new_tokens": 8})  # what the command line says

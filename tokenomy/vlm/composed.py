@@ -278,8 +278,9 @@ class ComposedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
         attention_mask=None,
         position_ids=None,
         inputs_embeds=None,
-        past_key_values=None,
+        cache=None,
         labels=None,
+        past_key_values=None,
         **kw,
     ):
         """Embed the text, write the projected image features over the `image_token_id` placeholders (in order:
@@ -302,7 +303,7 @@ class ComposedVLMForConditionalGeneration(PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,  # transformers 5.x renames past_key_values to cache
             labels=labels,
             **kw,
         )
