@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from tokenomy.errors import InputError
+from tokenomy.ops.attention import attention_row  # noqa: F401  re-exported: tokenomy.vision.attention_row
 
 # Signal names, shared by encoders and reducers.
 CLS_ATTENTION = "cls_attention"  # [B, N] head-averaged softmax row of the CLS query over all tokens, patch part
@@ -109,15 +110,6 @@ def grid_positions(t: int, h: int, w: int, device=None) -> torch.Tensor:
         torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
     )
     return torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)], dim=-1)
-
-
-def attention_row(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """Head-averaged softmax(query . keys^T * scale) in fp32.
-
-    query: [B, H, D] (one query per head), keys: [B, H, T, D] -> [B, T]. Cost O(B*H*T*D): one row, never a map.
-    """
-    logits = torch.einsum("bhd,bhtd->bht", query.float(), keys.float()) * scale
-    return logits.softmax(dim=-1).mean(dim=1)
 
 
 class VisionEncoder:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 
 from tokenomy.errors import InputError
+from tokenomy.ops.attention import apply_rotary
 from tokenomy.vision.base import EncoderState, VisionEncoder, VisionOutput, grid_positions
 
 
 def _rotate(x, cos, sin):
-    first, second = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return apply_rotary(x.float(), cos, sin).to(x.dtype)
 
 
 def is_qwen_vit(model) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenomy.errors import InputError
+from tokenomy.ops.attention import apply_rotary
 from tokenomy.reducers.base import (
     LAST_TEXT_ATTENTION,
     LAST_TEXT_VALUE_SIMILARITY,
@@ -26,11 +27,6 @@ from tokenomy.reducers.base import (
     ImageTokens,
 )
 from tokenomy.vlm.sites import Timed, select_checked
-
-
-def rotate_half(x):
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
 
 
 def attention_qkv(attn, normed_hidden, cos, sin):
@@ -43,18 +39,9 @@ def attention_qkv(attn, normed_hidden, cos, sin):
     if getattr(attn, "q_norm", None) is not None:
         query, keys = attn.q_norm(query), attn.k_norm(keys)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    query = query * cos + rotate_half(query) * sin
-    keys = keys * cos + rotate_half(keys) * sin
+    query, keys = apply_rotary(query, cos, sin), apply_rotary(keys, cos, sin)
     repeat = query.shape[1] // keys.shape[1]
     return query.float(), keys.repeat_interleave(repeat, dim=1).float(), values.repeat_interleave(repeat, dim=1).float()
-
-
-def last_token_attention(attn, normed_hidden, cos, sin, key_mask):
-    """Head-averaged softmax row of the last position's query over all keys: [B, L] in fp32."""
-    query, keys, _ = attention_qkv(attn, normed_hidden, cos, sin)
-    logits = torch.einsum("bhd,bhkd->bhk", query[:, :, -1], keys) * attn.scaling
-    logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
 
 
 @dataclass
