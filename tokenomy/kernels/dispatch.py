@@ -75,5 +75,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_log_size: O
     return impl.attention(q, k, v, key_log_size, causal, dropout_p)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "MergePlan", "attention", "log_size_bias", "match", "merge", "partition",
+def dpc_knn(x: torch.Tensor, clusters: int, k: int = 5, backend: Optional[str] = None):
+    """DPC-KNN clustering + mean merge of every sample of x [B, N, C] (see tokenomy.kernels.dpc_knn); inference only."""
+    if resolve_backend(x, backend) == "torch":
+        from tokenomy.kernels import dpc_knn as dpc_reference
+
+        return dpc_reference.dpc_knn(x, clusters, k)
+    from tokenomy.kernels import dpc_knn_triton  # triton is imported only when a call needs it
+
+    return dpc_knn_triton.dpc_knn(x, clusters, k)
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "MergePlan", "attention", "dpc_knn", "log_size_bias", "match", "merge", "partition",
            "resolve_backend", "unmerge", "unmerge_add"]
