@@ -12,6 +12,9 @@ floor = max(bytes that must move / measured copy bandwidth, FLOPs / measured mat
 Triton time. Merge: the metric and x read once, y written once, 2·B·N_a·N_b·D similarity FLOPs. unmerge_add:
 y and the residual read once, the output written once. Attention: q, k, v read and the output written once,
 4·B·N²·D FLOPs.
+DPC-KNN rows (PPE's merger, tokenomy.kernels.dpc_knn): one clustering + mean merge of every sample into
+ceil(ratio·N) clusters, N up to --dpc-max-n (the reference holds several [B, N, N] float32 matrices). Floor: x read
+and the merged tokens written once, and the 2·B·N²·D FLOPs of the distances at the matmul rate.
 ViT rows: images/s of random-weight timm ViTs with and without the ToMe patch at several r.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ import platform
 import statistics
 import sys
 import time
+
+import math
 
 import torch
 from tqdm import tqdm
@@ -47,6 +52,8 @@ def parse_args():
     parser.add_argument("--vit-batch", type=int, default=64)
     parser.add_argument("--vit-backends", nargs="+", choices=dispatch.BACKENDS,
                         help="merge backends for the patched ViTs (default: triton and torch on CUDA, torch elsewhere)")
+    parser.add_argument("--dpc-ratio", type=float, default=0.45, help="DPC-KNN clusters per token (PPE's default)")
+    parser.add_argument("--dpc-max-n", type=int, default=4096, help="largest N of the DPC-KNN rows")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement off the GPU")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a tiny ViT: a CPU smoke run")
@@ -144,7 +151,26 @@ def kernel_rows(args, device, dtype, bandwidth, flop_rate):
                 "triton_gbps": moved / (fused * 1e-3) / 1e9 if fused else None,
                 "sdpa_without_bias_ms": no_bias_ms if op == "attention" else None,
             })
+        if n <= args.dpc_max_n:
+            rows.append(dpc_knn_row(args, x, backends, bandwidth, flop_rate, element))
     return rows
+
+
+def dpc_knn_row(args, x, backends, bandwidth, flop_rate, element):
+    batch, n, d = x.shape
+    clusters = max(1, math.ceil(n * args.dpc_ratio))
+    times = {backend: timed_ms(lambda: dispatch.dpc_knn(x, clusters, 5, backend=backend), x.device, args.repeats)
+             for backend in backends}
+    moved = (batch * n * d + batch * clusters * d) * element
+    floor_ms = max(moved / bandwidth, 2 * batch * n * n * d / flop_rate) * 1e3
+    fused = times.get("triton")
+    return {
+        "op": "dpc_knn", "batch": batch, "n": n, "d": d, "r": n - clusters, "dtype": args.dtype,
+        "torch_ms": times["torch"], "compiled_ms": None, "triton_ms": fused,
+        "speedup": times["torch"] / fused if fused else None,
+        "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / fused if fused else None,
+        "triton_gbps": moved / (fused * 1e-3) / 1e9 if fused else None, "sdpa_without_bias_ms": None,
+    }
 
 
 def vit_rows(args, device, dtype):
