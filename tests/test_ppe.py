@@ -17,7 +17,7 @@ from tokenomy.errors import InputError
 from tokenomy.kernels.dpc_knn import dpc_knn
 from tokenomy.reducers import ImageTokens
 from tokenomy.reducers import ppe as ppe_module
-from tokenomy.reducers.ppe import PPE, PPECascade, SubBandRotary, member_cycle, split_budget
+from tokenomy.reducers.ppe import PPE, PPECascade, SubBandRotary, member_cycle, round_robin, split_budget
 from tokenomy.vision.base import grid_positions
 from tokenomy.vlm import tiny
 from tokenomy.vlm.pipeline import Pipeline
@@ -107,8 +107,8 @@ def test_bad_options_and_models_are_refused_at_load():
                              (dict(knn=0), "knn"), (dict(order="score"), "order"), (dict(backend="cuda"), "backend")]:
         with pytest.raises(InputError, match=message):
             PPE(**options)
-    with pytest.raises(InputError, match="positions='paper'.*is not built"):
-        PPECascade(positions="paper")
+    with pytest.raises(InputError, match="positions must be one of \\['code', 'paper'\\]"):
+        PPECascade(positions="figure")
     with pytest.raises(InputError, match="layers"):
         PPECascade(layers="a/b")
     with pytest.raises(InputError, match="ppe-cascade layer 4 must be in 1..3"):
@@ -231,3 +231,46 @@ def test_triton_backend_selects_what_the_reference_selects():
 def test_registered():
     assert {"ppe", "ppe-cascade"} <= set(tokenomy.reducers.available())
     assert ppe_module.PPE.name == "ppe"
+
+
+def test_round_robin_fills_the_slots_as_the_paper_figure_draws_them():
+    def at(*rows):  # 1-D positions written as (0, 0, w)
+        return torch.tensor([[0, 0, r] for r in rows])
+
+    # the figure: {2, 6} (cycled to K=4) and {7, 5, 9, 14} -> {2, 7, 6, 5}
+    members = torch.stack([at(2, 6, 2, 6), at(7, 5, 9, 14)])
+    assert round_robin(members, 4)[:, 2].tolist() == [2, 7, 6, 5]
+    assert round_robin(torch.stack([at(3, 3), at(3, 3)]), 2)[:, 2].tolist() == [3, 3]  # one distinct position
+    assert round_robin(at(1, 4, 8), 4)[:, 2].tolist() == [1, 4, 8, 1]  # single positions cycle
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paper_variant_gives_merged_slots_the_rotary_of_their_new_positions(family):
+    model, processor = wide_qwen(family, [4, 2, 2])
+    pipeline = Pipeline(model, processor, "ppe:ppe_k=2+ppe-cascade:ppe_k=2,layers=2,positions=paper")
+    check_plan(pipeline)
+    images = random_images(1)
+    llm_kwargs, context, info = pipeline.prepare(images, PROMPTS[:1])
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.setdefault("cos", kwargs["position_embeddings"][0].clone())
+
+    with context, torch.no_grad():  # registered after the LLM-site hooks, so it sees what layer 3 reads
+        handle = pipeline.adapter.decoder_layers[3].register_forward_pre_hook(capture, with_kwargs=True)
+        pipeline.model(**llm_kwargs, use_cache=True)
+    handle.remove()
+    image = context.samples[0].images[0]
+    at = torch.nonzero(context.cache_layout[3][0][:, None] == image["slots"][None])[:, 0]
+    (encoded,) = info["encoded"]
+    reference = pipeline.adapter.reference_positions(info["batch"])
+    spans = (info["batch"]["input_ids"][0] == pipeline.adapter.image_token_id).nonzero().squeeze(1)
+    ids = reference[:, 0][:, spans[encoded.offsets(image["positions"])]]  # [3, tokens, K]
+    rotary = pipeline.adapter.language_model.rotary_emb
+    want, _ = SubBandRotary([4, 2, 2], 2)(rotary, torch.zeros(1, 1, 16), ids[:, None])
+    assert torch.equal(seen["cos"][0, at], want[0])
+    code = Pipeline(model, processor, "ppe:ppe_k=2+ppe-cascade:ppe_k=2,layers=2")
+    _, code_context, _ = code.prepare(images, PROMPTS[:1])
+    with code_context, torch.no_grad():
+        code.model(**code.prepare(images, PROMPTS[:1])[0], use_cache=True)
+    assert not torch.equal(code_context.samples[0].images[0]["positions"], image["positions"]), "no slot moved"

@@ -13,8 +13,10 @@ of axis a rotates by axis a of member k. Text and unmerged tokens carry their si
 `ppe-cascade` re-clusters inside the LLM before the chosen decoder layers (default: the official 11/23/35 of a
 36-layer LLM, i.e. the last layer of each third), per super-frame, with the same ratio. A re-merged token sits in
 the slot of its last member and keeps that member's K positions and rotary rows: the official code's variant
-(§4.4). The paper figure's round-robin variant is not built. Unlike the official code, tokens merged inside the LLM
-stay in sequence order (the LLM site keeps original order) instead of moving to centre order.
+(§4.4, `positions="code"`). `positions="paper"` fills the K positions round-robin over the members' sets, as the
+paper's figure draws it ({2,6} + {7,5,9,14} -> {2,7,6,5}); the LLM site then gives those slots fresh cos/sin rows.
+Unlike the official code, tokens merged inside the LLM stay in sequence order (the LLM site keeps original order)
+instead of moving to centre order.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from tokenomy.kernels.dispatch import BACKENDS, dpc_knn
 from tokenomy.reducers.base import ImageTokens, PositionPolicy, Reducer, Selection, Site
 from tokenomy.reducers.registry import register
 
+CASCADE_POSITIONS = ("code", "paper")  # a re-merged token's K positions: its last member's set, or round-robin
 ORDERS = ("centre", "raster")  # merged tokens in descending centre score (official), or by their kept index
 MROPE_FAMILIES = {"qwen2_vl_text": [16, 24, 24], "qwen2_5_vl_text": [16, 24, 24]}  # transformers' default sections
 
@@ -159,11 +162,9 @@ class PPECascade(PPE):
     def __init__(self, keep=None, ratio: float = 0.45, ppe_k: int = 8, knn: int = 5, layers=None,
                  positions: str = "code", backend: Optional[str] = None):
         super().__init__(keep=keep, ratio=ratio, ppe_k=ppe_k, knn=knn, order="raster", backend=backend)
-        if positions == "paper":
-            raise InputError("ppe-cascade positions='paper' (round-robin over the members' slots, spec §4.4) is not built; "
-                             "use positions='code', the official code's variant")
-        if positions != "code":
-            raise InputError(f"ppe-cascade positions must be 'code' (or the unbuilt 'paper'), got {positions!r}")
+        if positions not in CASCADE_POSITIONS:
+            raise InputError(f"ppe-cascade positions must be one of {list(CASCADE_POSITIONS)}, got {positions!r}")
+        self.positions = positions
         self.layers = self._parse_layers(layers)
 
     def _parse_layers(self, layers):
@@ -196,7 +197,26 @@ class PPECascade(PPE):
     def place(self, group, centres, assign, positions):
         """Each cluster sits in the slot of its last member and keeps that slot's K positions (and rotary rows)."""
         last = torch.stack([group[assign == slot][-1] for slot in range(len(centres))])
+        if self.positions == "paper":
+            sets = torch.stack([round_robin(positions[group[assign == slot].to(positions.device)], self.ppe_k)
+                                for slot in range(len(centres))])
+            return last, sets
         sets = positions[last.to(positions.device)]
         if sets.dim() == 2:  # single positions: the slot rotates by its own one, K times
             sets = sets[:, None].expand(-1, self.ppe_k, -1)
         return last, sets
+
+
+def round_robin(member_positions: torch.Tensor, ppe_k: int) -> torch.Tensor:
+    """The paper figure's K slots of a re-merged token: slot 1 of every member (in order), then slot 2, ...,
+    skipping repeats and cycling when the members hold fewer than K distinct positions.
+    member_positions: [members, m, 3] or [members, 3]; returns [K, 3]."""
+    if member_positions.dim() == 2:
+        member_positions = member_positions[:, None]
+    taken = []
+    for candidate in member_positions.transpose(0, 1).reshape(-1, 3):
+        if len(taken) == ppe_k:
+            break
+        if not any(torch.equal(candidate, seen) for seen in taken):
+            taken.append(candidate)
+    return torch.stack(taken)[torch.arange(ppe_k) % len(taken)]

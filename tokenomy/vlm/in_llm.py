@@ -137,7 +137,8 @@ class LLMRun:
             valid = self.inputs.attention_mask.bool().to(hidden.device)
             self.samples = []
             for sample in range(valid.shape[0]):
-                images = [dict(slots=slots.to(hidden.device), positions=positions, index=None)
+                images = [dict(slots=slots.to(hidden.device), positions=positions, index=None,
+                               grid_ids=self._grid_ids(sample, slots, positions))
                           for slots, positions in zip(self.inputs.visual_slots[sample], self.inputs.visual_positions[sample])]
                 self.samples.append(_Sample(torch.nonzero(valid[sample]).squeeze(1), images))
             counter = 0
@@ -148,6 +149,17 @@ class LLMRun:
             self.layout = None
             self.cache_layout = {}
         return None
+
+    def _grid_ids(self, sample, slots, positions):
+        """Under the multi policy: every TRUE grid position an image's tokens carry at prefill, [P, 3], and its
+        position ids, [P, axes]."""
+        multi = self.inputs.multi_position_ids
+        if multi is None:
+            return None
+        ids = multi[:, sample] if multi.dim() == 4 else multi[sample][None]  # [axes, L, m]
+        ids = ids[:, slots.to(ids.device)]
+        grid = positions if positions.dim() == 3 else positions[:, None].expand(-1, ids.shape[-1], -1)
+        return grid.reshape(-1, 3), ids.permute(1, 2, 0).reshape(-1, ids.shape[0]).to(grid.device)
 
     def _extra(self, device) -> torch.Tensor:
         """Original indices of the tokens after the prompt in this call (decoded tokens)."""
@@ -278,6 +290,8 @@ class LLMRun:
                         if selection.merge_index is not None:
                             for slot, row in zip(image["slots"][kept].tolist(), selection.apply(features)):
                                 merged_rows[(sample, slot)] = row
+                        if self.multi_rotary is not None:
+                            self._rotate_moved(sample, image, kept, selection.positions, hidden)
                         # slots stay ascending (original order); the positions follow the same permutation
                         order = torch.argsort(kept)
                         image["slots"] = image["slots"][kept][order]
@@ -289,6 +303,30 @@ class LLMRun:
                 if step.stage.cuts_caches:
                     self._cut_caches(index)
         return merged_rows
+
+    def _rotate_moved(self, sample, image, kept, positions, hidden):
+        """Kept slots that a selection gives positions other than their own (PPE's paper-figure cascade) get cos/sin
+        rows computed from those positions by the plan's multi rotary, for this layer on. Each new position is one a
+        token of the image carried at prefill, so its M-RoPE ids are looked up there."""
+        own = image["positions"][kept.to(image["positions"].device)]
+        own = own if own.dim() == 3 else own[:, None]
+        new = positions if positions.dim() == 3 else positions[:, None]
+        own = own.expand(-1, new.shape[1], -1).to(new.device)
+        moved = torch.nonzero((own != new).flatten(1).any(1)).squeeze(1)
+        if not len(moved):
+            return
+        grid, ids = image["grid_ids"]
+        wanted = new[moved].to(grid.device)  # [k, m, 3]
+        match = (wanted.reshape(-1, 1, 3) == grid[None]).all(-1)
+        if not bool(match.any(1).all()):
+            raise InputError("a selection at the LLM site gave a token a position no token of its image had")
+        new_ids = ids[match.float().argmax(1)].reshape(*wanted.shape[:2], -1).permute(2, 0, 1)  # [axes, k, m]
+        rotary_ids = new_ids[:, None] if self.inputs.multi_position_ids.dim() == 4 else new_ids[0][None]
+        cos, sin = self.multi_rotary(self.adapter.language_model.rotary_emb, hidden[:1], rotary_ids.to(hidden.device))
+        full_cos, full_sin = (t.expand(len(self.samples), *t.shape[1:]).clone() for t in self.full_cos_sin)
+        rows = image["slots"][kept.to(image["slots"].device)][moved.to(image["slots"].device)]
+        full_cos[sample, rows], full_sin[sample, rows] = cos[0].to(full_cos.dtype), sin[0].to(full_sin.dtype)
+        self.full_cos_sin = (full_cos, full_sin)
 
     def _regather(self, hidden, previous, layout, merged_rows):
         index = torch.zeros_like(layout)
