@@ -176,7 +176,9 @@ class PPECascade(PPE):
             except ValueError:
                 raise InputError(f"ppe-cascade layers must be integers joined by '/' (e.g. 11/23/35), got {layers!r}") from None
         layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-        if not isinstance(layers, (list, tuple)) or not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
+        valid = isinstance(layers, (list, tuple)) and layers and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in layers)
+        if not valid:
             raise InputError(f"ppe-cascade layers must be decoder layers >= 1, got {layers!r}")
         return tuple(sorted(set(layers)))
 
