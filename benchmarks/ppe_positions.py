@@ -21,7 +21,7 @@ import torch
 import tokenomy
 from tokenomy.eval import synthvqa
 from tokenomy.eval.synthvqa_eval import evaluate
-from tokenomy.reducers.ppe import PPE, SubBandRotary, mrope_sections
+from tokenomy.reducers.ppe import PPE, SubBandRotary, rotary_bands
 
 
 class RenumberedRotary:
@@ -45,7 +45,7 @@ class RenumberedPPE(PPE):
         super().__init__(keep=keep, ppe_k=1)
 
     def multi_rotary(self, text_config):
-        return RenumberedRotary(mrope_sections(text_config))
+        return RenumberedRotary(rotary_bands(text_config))
 
 
 def variants(keep):

@@ -52,7 +52,7 @@ def wide_qwen(family, sections):
 
 # ---- the rotary -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["tiny-llava"])
 def test_k1_without_merging_equals_stock_logits(family, monkeypatch):
     calls = []
     original = SubBandRotary.__call__
@@ -99,8 +99,8 @@ def test_bad_options_and_models_are_refused_at_load():
         tokenomy.load("tiny-qwen2-vl", "ppe:ppe_k=2")
     with pytest.raises(InputError, match="ppe_k=8 cannot split"):
         tokenomy.load("tiny-qwen2.5-vl", "ppe")  # the official K=8 needs Qwen's real [16, 24, 24]
-    with pytest.raises(InputError, match="ppe needs an M-RoPE LLM"):
-        tokenomy.load("tiny-llava", "ppe:ppe_k=1")
+    with pytest.raises(InputError, match="ppe_k=8 cannot split this model's 4 rotary frequency pairs.*one of \\[1, 2, 4\\]"):
+        tokenomy.load("tiny-llava", "ppe")  # 1-D RoPE: one band of head_dim / 2 pairs
     with pytest.raises(InputError, match="needs position_policy='multi'"):
         tokenomy.load("tiny-qwen2-vl", "ppe:ppe_k=1", position_policy="keep")
     for options, message in [(dict(ratio=0), "ratio"), (dict(ratio=1.5), "ratio"), (dict(ppe_k=0), "ppe_k"),
@@ -183,6 +183,18 @@ def test_nan_features_do_not_break_the_clustering():
     assert selection.num_kept == 9 and bool((selection.merge_index >= 0).all())
 
 
+def test_cascade_keep_budget_is_what_the_last_layer_reads():
+    cascade = PPECascade(keep=5, ppe_k=1)
+    assert cascade.llm_layers(6) == (1, 3, 5)
+    image = video_tokens(frames=1)  # 20 tokens
+    counts = []
+    for layer in (1, 3, 5):
+        selection = cascade.select(ImageTokens(image.features, image.positions, layer=layer))
+        counts.append(selection.num_kept)
+        image = ImageTokens(selection.apply(image.features), selection.positions[:, 0])
+    assert counts == [9, 5, 5]  # ratio 0.45 until the budget, never below it, exactly it at the last layer
+
+
 def test_default_cascade_layers_are_the_official_ones_for_36_layers():
     assert PPECascade().llm_layers(36) == (11, 23, 35)
     assert PPECascade().llm_layers(4) == (1, 3)
@@ -207,6 +219,14 @@ def test_ppe_end_to_end(family, sections, ppe_k):
     expected = reference[:, 0][:, spans[encoded.offsets(final.positions)]]
     assert torch.equal(inputs.multi_position_ids[:, 0, inputs.visual_slots[0][0]], expected)
     assert (final.positions[:, 0] != final.positions[:, -1]).any(), "some merged tokens should carry distinct positions"
+
+
+def test_one_dimensional_rope_llava_end_to_end():
+    # PPE is published for M-RoPE; on LLaVA's 1-D RoPE the one band of frequency pairs is split into K sub-bands
+    generations = check_plan(tokenomy.load("tiny-llava", "ppe:ppe_k=2+ppe-cascade:ppe_k=2,layers=2"))
+    for g in generations:
+        first = math.ceil(49 * 0.45)
+        assert g.stats["visual_tokens_per_layer"] == [first, first, math.ceil(first * 0.45), math.ceil(first * 0.45)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,8 @@ when there are fewer than K (the official `select_pos_topk` order, made determin
 
 Its rotary (`multi_rotary`) splits every M-RoPE axis band into K contiguous sub-bands of frequency pairs; sub-band k
 of axis a rotates by axis a of member k. Text and unmerged tokens carry their single position K times, so with K=1
-(or with K equal members) the rotation is exactly stock M-RoPE. K must divide every `mrope_section` entry.
+(or with K equal members) the rotation is exactly stock M-RoPE. K must divide every `mrope_section` entry. On a 1-D
+RoPE LLM (LLaVA) the one band of all frequency pairs is split the same way [O]: PPE is published for Qwen only.
 
 `ppe-cascade` re-clusters inside the LLM before the chosen decoder layers (default: the official 11/23/35 of a
 36-layer LLM, i.e. the last layer of each third), per super-frame, with the same ratio. A re-merged token sits in
@@ -35,39 +36,46 @@ ORDERS = ("centre", "raster")  # merged tokens in descending centre score (offic
 MROPE_FAMILIES = {"qwen2_vl_text": [16, 24, 24], "qwen2_5_vl_text": [16, 24, 24]}  # transformers' default sections
 
 
-def mrope_sections(text_config) -> list:
-    """The LLM's M-RoPE sections (frequency pairs per t/h/w axis), or InputError for an LLM without M-RoPE."""
+def rotary_bands(text_config) -> list:
+    """Frequency pairs per position axis: the M-RoPE sections (t, h, w) of Qwen2/2.5-VL, or one band holding every
+    pair of a 1-D RoPE LLM (LLaVA's Llama), where PPE's sub-bands split that one band [O]."""
     rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
     model_type = getattr(text_config, "model_type", "?")
     sections = rope.get("mrope_section") or MROPE_FAMILIES.get(model_type)
-    if sections is None or len(sections) != 3:
-        raise InputError(f"ppe needs an M-RoPE LLM (Qwen2-VL / Qwen2.5-VL); {model_type!r} has no 3-axis mrope_section")
-    return list(sections)
+    if sections is not None:
+        if len(sections) != 3:
+            raise InputError(f"ppe reads 3-axis M-RoPE sections (t, h, w); {model_type!r} has mrope_section={list(sections)}")
+        return list(sections)
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return [head_dim // 2]
 
 
-def check_ppe_k(ppe_k: int, sections: list) -> None:
-    if any(width % ppe_k for width in sections):
-        carried = [k for k in range(1, min(sections) + 1) if all(width % k == 0 for width in sections)]
-        raise InputError(f"ppe_k={ppe_k} cannot split this model's mrope_section={sections} into equal sub-bands; "
-                         f"ppe_k must divide every section: one of {carried}")
+def check_ppe_k(ppe_k: int, bands: list) -> None:
+    if any(width % ppe_k for width in bands):
+        carried = [k for k in range(1, min(bands) + 1) if all(width % k == 0 for width in bands)]
+        what = f"mrope_section={bands}" if len(bands) == 3 else f"{bands[0]} rotary frequency pairs"
+        raise InputError(f"ppe_k={ppe_k} cannot split this model's {what} into equal sub-bands; "
+                         f"ppe_k must divide every band: one of {carried}")
 
 
 class SubBandRotary:
-    """(rotary_emb, hidden, position_ids [3, B, L, K]) -> (cos, sin) [B, L, head_dim]: frequency pair d of axis band
-    a rotates by position_ids[a, ..., k] for the sub-band k it falls in; the angles are cos/sin(position * inv_freq)
-    as transformers' Qwen2-VL text rotary computes them, so K=1 reproduces it bit for bit."""
+    """(rotary_emb, hidden, position_ids [axes, B, L, K]) -> (cos, sin) [B, L, head_dim]: frequency pair d of axis
+    band a rotates by position_ids[a, ..., k] for the sub-band k it falls in; the angles are cos/sin(position *
+    inv_freq) as transformers' Qwen2-VL text rotary (and Llama's, for one band) computes them, so K=1 reproduces
+    it bit for bit. `bands`: frequency pairs per axis (rotary_bands)."""
 
-    def __init__(self, sections: list, ppe_k: int):
-        check_ppe_k(ppe_k, sections)
+    def __init__(self, bands: list, ppe_k: int):
+        check_ppe_k(ppe_k, bands)
         axis, member = [], []
-        for band, width in enumerate(sections):
+        for band, width in enumerate(bands):
             axis += [band] * width
             member += [pair // (width // ppe_k) for pair in range(width)]
+        self.axes = len(bands)
         self.axis, self.member = torch.tensor(axis), torch.tensor(member)
 
     def __call__(self, rotary_emb, hidden, position_ids):
-        if position_ids.dim() == 3:  # [B, L, K]: one position row shared by the three axes
-            position_ids = position_ids[None].expand(3, -1, -1, -1)
+        if position_ids.dim() == 3:  # [B, L, K]: one position row shared by every axis
+            position_ids = position_ids[None].expand(self.axes, -1, -1, -1)
         device = position_ids.device
         per_pair = position_ids[self.axis.to(device), ..., self.member.to(device)].permute(1, 2, 0)  # [B, L, D/2]
         freqs = per_pair.float() * rotary_emb.inv_freq.to(device=hidden.device, dtype=torch.float)
@@ -113,7 +121,7 @@ class PPE(Reducer):
         self.positions_per_token = ppe_k
 
     def multi_rotary(self, text_config):
-        return SubBandRotary(mrope_sections(text_config), self.ppe_k)
+        return SubBandRotary(rotary_bands(text_config), self.ppe_k)
 
     def clusters(self, image: ImageTokens, sizes: list) -> list:
         if self.keep is None:
@@ -166,6 +174,7 @@ class PPECascade(PPE):
             raise InputError(f"ppe-cascade positions must be one of {list(CASCADE_POSITIONS)}, got {positions!r}")
         self.positions = positions
         self.layers = self._parse_layers(layers)
+        self.last_layer = None  # set by llm_layers, which the pipeline calls at load
 
     def _parse_layers(self, layers):
         if layers is None:
@@ -184,17 +193,22 @@ class PPECascade(PPE):
 
     def llm_layers(self, num_layers):
         if self.layers is None:  # the last layer of each third: 11, 23, 35 of 36 (official)
-            return tuple(sorted({num_layers * third // 3 - 1 for third in (1, 2, 3)} - {0}))
-        if self.layers[-1] >= num_layers:
+            layers = tuple(sorted({num_layers * third // 3 - 1 for third in (1, 2, 3)} - {0}))
+        elif self.layers[-1] >= num_layers:
             raise InputError(f"ppe-cascade layer {self.layers[-1]} must be in 1..{num_layers - 1} for this {num_layers}-layer LLM")
-        return self.layers
+        else:
+            layers = self.layers
+        self.last_layer = layers[-1]
+        return layers
 
     def clusters(self, image, sizes):
-        """`ratio` at every step, capped by the `keep` budget when one is given."""
+        """`ratio` at every step; with a `keep` budget, no step goes below it and the last step lands on it (the
+        budget counts the tokens the last layers read, as for FastV)."""
         counts = [max(1, math.ceil(size * self.ratio)) for size in sizes]
-        if self.keep is not None and sum(counts) > self.budget(image):
-            return split_budget(sizes, self.budget(image))
-        return counts
+        if self.keep is None:
+            return counts
+        target = self.budget(image) if image.layer == self.last_layer else max(sum(counts), self.budget(image))
+        return counts if target == sum(counts) else split_budget(sizes, target)
 
     def place(self, group, centres, assign, positions):
         """Each cluster sits in the slot of its last member and keeps that slot's K positions (and rotary rows)."""
