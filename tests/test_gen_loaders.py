@@ -7,9 +7,10 @@ from tokenomy.errors import ModelLoadError
 from tokenomy.generation.loaders import flextok_hyperparameters, load_randar, load_torch_state_dict, read_flextok_config
 
 
-def _official_randar_state(width=64, depth=2, vocab=40, classes=5, hidden=256):
-    g = torch.Generator().manual_seed(0)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.05
+def _official_randar_state(width=64, depth=2, vocab=40, classes=5, hidden=256, seed=0, scale=0.05):
+    """Random weights under the official RandAR parameter names (ziqipang/RandAR llamagen_gpt.py)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * scale
     state = {"tok_embeddings.weight": r(vocab, width), "cls_embedding.embedding_table.weight": r(classes + 1, width),
              "norm.weight": 1 + r(width), "output.weight": r(vocab, width), "pos_instruct_embeddings": r(1, width)}
     for i in range(depth):

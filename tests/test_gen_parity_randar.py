@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tests.test_gen_loaders import _official_randar_state
 from tokenomy.generation.base import ARConfig
 from tokenomy.generation.loaders import load_randar
 from tokenomy.generation.raster_ar import RasterAR
@@ -227,16 +228,7 @@ def official_llamagen_forward_train(s, idx, cond_idx, freqs_cis):  # LG 332-371 
 # ---------------------------------------------------------------- fixtures
 
 def official_randar_state(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3
-    state = {"tok_embeddings.weight": r(VOCAB, WIDTH), "cls_embedding.embedding_table.weight": r(CLASSES + 1, WIDTH),
-             "norm.weight": 1 + r(WIDTH), "output.weight": r(VOCAB, WIDTH), "pos_instruct_embeddings": r(1, WIDTH)}
-    for i in range(DEPTH):
-        state.update({f"layers.{i}.attention.wqkv.weight": r(3 * WIDTH, WIDTH), f"layers.{i}.attention.wo.weight": r(WIDTH, WIDTH),
-                      f"layers.{i}.feed_forward.w1.weight": r(HIDDEN, WIDTH), f"layers.{i}.feed_forward.w3.weight": r(HIDDEN, WIDTH),
-                      f"layers.{i}.feed_forward.w2.weight": r(WIDTH, HIDDEN), f"layers.{i}.attention_norm.weight": 1 + r(WIDTH),
-                      f"layers.{i}.ffn_norm.weight": 1 + r(WIDTH)})
-    return state
+    return _official_randar_state(WIDTH, DEPTH, VOCAB, CLASSES, HIDDEN, seed=seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")

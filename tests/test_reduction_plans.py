@@ -16,7 +16,7 @@ from tests.test_composed_pipeline import folder  # noqa: F401  the composed-mode
 from tokenomy.errors import InputError, TokenomyError
 from tokenomy.reducers import ImageTokens, Reducer, Selection, Site
 from tokenomy.reducers.base import LAST_TEXT_ATTENTION, LLM_VALUES, top_k_sorted
-from tokenomy.vision.base import MEAN_QUERY_ATTENTION, SignalRequest
+from tokenomy.vision.base import MEAN_QUERY_ATTENTION, EncoderState, SignalRequest
 from tokenomy.vlm.in_llm import LLMRun
 from tokenomy.vlm.pipeline import Pipeline
 
@@ -387,3 +387,107 @@ def test_keep_given_twice_and_llm_layer_out_of_range_are_refused():
 def test_keep_with_the_identity_is_not_reported_as_a_budget():
     (generation,) = tokenomy.load("tiny-llava", "none", keep=8).generate(random_images(1), PROMPTS[:1], max_new_tokens=1)
     assert generation.stats["keep"] is None and generation.stats["visual_tokens_kept"] == 49
+
+
+class KeepUnits(Reducer):
+    """Keeps fixed merge units (every third one), at the encoder site after `layer` or before the projector."""
+
+    name = "test-keep-units"
+
+    def __init__(self, site, layer=None):
+        super().__init__()
+        self.site, self.layer = site, layer
+
+    def encoder_layers(self, num_layers, feature_layer):
+        return (self.layer,)
+
+    def select(self, image):
+        raster = image.positions[:, 1] * 100 + image.positions[:, 2]  # same units whatever order the tokens come in
+        return Selection.from_indices(image, torch.nonzero(raster % 3 == 0).squeeze(1))
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_qwen_units_pruned_after_the_last_block_equal_pruning_before_the_merger(family):
+    """After the last block nothing else runs in the tower, so both sites must give the same tokens, TRUE M-RoPE
+    positions included (the LLM sees the same ids for the same units)."""
+    images = random_images(2)
+    encoder = tokenomy.load(family, KeepUnits(Site.ENCODER, layer=1)).forward(images, PROMPTS[:2])
+    before_merger = tokenomy.load(family, KeepUnits(Site.PRE_PROJECTOR)).forward(images, PROMPTS[:2])
+    assert encoder.shape == before_merger.shape
+    assert (encoder - before_merger).abs().max().item() <= 1e-5
+
+
+def test_qwen_encoder_site_keeps_true_positions():
+    pipeline = tokenomy.load("tiny-qwen2-vl", KeepUnits(Site.ENCODER, layer=0))
+    images = random_images(1)
+    (generation,) = pipeline.generate(images, PROMPTS[:1], max_new_tokens=1)
+    llm_kwargs, _, info = pipeline.prepare(images, PROMPTS[:1])
+    batch = info["batch"]
+    span = (batch["input_ids"][0] == pipeline.adapter.image_token_id).nonzero().squeeze(1)
+    reference = pipeline.adapter.reference_positions(batch)[:, 0, span]  # [3, units] of the unreduced image
+    kept = torch.tensor(generation.stats["kept_indices"][0])
+    slots = info["inputs"].visual_slots[0][0]
+    assert torch.equal(llm_kwargs["position_ids"][1:, 0, slots], reference[:, kept])
+    assert (kept.diff() > 1).any(), "kept units should leave gaps in the grid"
+
+
+def test_qwen25_windows_are_recomputed_over_the_surviving_units():
+    """A 3-block Qwen2.5-VL tower whose block 1 uses windows: pruning after block 0 equals running block 1 on each
+    window's surviving patches alone."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.vision_utils import get_vision_window_index
+
+    from transformers.vision_utils import get_vision_position_ids
+
+    from tokenomy.vision.qwen_vit import QwenViTEncoder
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+                              vision_config=dict(depth=3, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4,
+                                                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                                                 fullatt_block_indexes=[2], in_channels=3))
+    visual = Qwen2_5_VLForConditionalGeneration(config).eval().model.visual
+    grid = torch.tensor([[1, 12, 8]])  # 6 x 4 units -> 2 x 2 windows of 2 x 2 units (3 x 2 windows in all)
+    pixels = torch.randn(int(grid.prod()), 3 * 2 * 14 * 14)
+    keep_units = torch.tensor([0, 2, 3, 5, 9, 10, 12, 17, 18, 23])
+    captured = {}
+
+    def prune(state: EncoderState):
+        if state.layer != 0:
+            return None
+        captured["after_block0"] = state.hidden[0].clone()
+        captured["units"] = state.patch_index[0].clone()
+        keep = torch.isin(state.patch_index[0], keep_units)
+        return EncoderState(0, state.hidden[:, keep], state.patch_index[:, keep], state.signals)
+
+    ours = QwenViTEncoder(visual).encode_image(pixels, grid, SignalRequest(), hooks=(prune,)).tokens[0]
+
+    # Reference: block 1 on each window's surviving patches alone, then block 2 on all of them.
+    window_index, cu_window = get_vision_window_index(grid, 2, visual.window_size, visual.patch_size)
+    units = captured["units"]
+    hidden = captured["after_block0"].reshape(-1, 32)  # [patches, D] in window order
+    cos_sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, 2, kwargs={}))
+    permute = lambda x: visual.permute_input_for_window_attn(x, window_index, seq_len=x.shape[0])  # noqa: E731
+    cos_sin = tuple(permute(part) for part in cos_sin)
+    windows = torch.searchsorted(cu_window.long(), torch.arange(len(units)) * 4, right=True) - 1
+    parts, rope_parts = [], []
+    for window in windows.unique():
+        slots = torch.nonzero((windows == window) & torch.isin(units, keep_units)).squeeze(1)
+        if not len(slots):
+            continue
+        patches = (slots[:, None] * 4 + torch.arange(4)).reshape(-1)
+        rope = tuple(part[patches] for part in cos_sin)
+        with torch.no_grad():
+            parts.append(visual.blocks[1](hidden[patches], cu_seqlens=torch.tensor([0, len(patches)], dtype=torch.int32),
+                                          max_seqlen=len(patches), position_embeddings=rope))
+        rope_parts.append(rope)
+    hidden = torch.cat(parts)
+    rope = tuple(torch.cat([r[i] for r in rope_parts]) for i in range(2))
+    with torch.no_grad():
+        hidden = visual.blocks[2](hidden, cu_seqlens=torch.tensor([0, len(hidden)], dtype=torch.int32),
+                                  max_seqlen=len(hidden), position_embeddings=rope)
+    kept_in_window_order = units[torch.isin(units, keep_units)]
+    reference = hidden.reshape(-1, 4 * 32)[torch.argsort(kept_in_window_order)]
+    assert torch.allclose(ours, reference, atol=1e-5)

@@ -4,20 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenomy.errors import InputError
-
-
-def parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+from tokenomy.options import parse_value
 
 
 def parse_kv(text: str | None) -> dict:

@@ -11,24 +11,11 @@ import inspect
 import re
 
 from tokenomy.errors import InputError
+from tokenomy.options import parse_value
 from tokenomy.reducers.base import SITE_ORDER, PositionPolicy, Reducer, Site
 from tokenomy.reducers.registry import create, registered
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def _value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_spec(spec: str) -> list:
@@ -50,7 +37,7 @@ def parse_spec(spec: str) -> list:
                     raise InputError(f"reducer spec {spec!r}: option {item!r} of {name!r} is not of the form key=value")
                 if key in options:
                     raise InputError(f"reducer spec {spec!r}: option {key!r} of {name!r} is given twice")
-                options[key] = _value(value.strip())
+                options[key] = parse_value(value.strip())
         stages.append((name, options))
     return stages
 

@@ -3,14 +3,7 @@ from __future__ import annotations
 
 import json
 
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+from tokenomy.options import parse_value
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +32,7 @@ def run(args) -> int:
         if "=" not in item:
             raise InputError(f"--reducer-arg {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        options[key] = _parse_value(value)
+        options[key] = parse_value(value)
     if args.keep is not None:
         options["keep"] = args.keep
     pipeline = tokenomy.load(args.model, reducer=args.reducer, device=args.device, position_policy=args.position_policy, **options)

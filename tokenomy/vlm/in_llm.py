@@ -101,7 +101,6 @@ class LLMRun:
         self.prompt_length = inputs.attention_mask.shape[1]
         self.handles, self.calls = [], 0
         self.selections = {}  # (step index, sample, image) -> Selection
-        self.layer_alive = {}  # layer -> list per sample of original indices it read in prefill
         self.visual_per_layer = None  # per sample: visual tokens each layer read in prefill
         self.signals = {}
 
@@ -246,7 +245,6 @@ class LLMRun:
             self.layout = self._layout(device)
             hidden = self._regather(hidden, previous, self.layout, merged_rows)
         layout = self.layout
-        self.layer_alive[index] = [state.alive.clone() for state in self.samples]
         for sample, state in enumerate(self.samples):
             self.visual_per_layer[sample][index] = sum(len(image["slots"]) for image in state.images)
         self.cache_layout[index] = layout
@@ -278,8 +276,8 @@ class LLMRun:
                         if self.replay is not None:
                             selection = self.replay["selections"][key]
                         else:
-                            signals = self.signals.get(index - 1, [[{}] * len(state.images)] * len(self.samples))[sample][position]
-                            tokens = ImageTokens(features, image["positions"], {name: signals[name] for name in step.signals}, layer=index)
+                            signals = {name: self.signals[index - 1][sample][position][name] for name in step.signals}
+                            tokens = ImageTokens(features, image["positions"], signals, layer=index)
                             selection = select_checked(step.stage, tokens)
                         self.selections[key] = selection
                         step.record.add(image["index"], index, len(image["slots"]), selection.num_kept)
@@ -335,7 +333,8 @@ class LLMRun:
             index[sample, valid] = _positions_in(previous[sample], layout[sample, valid])
         out = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         for (sample, original), row in merged_rows.items():
-            out[sample, _positions_in(layout[sample], torch.tensor([original], device=layout.device))] = row.to(out.dtype)
+            if bool((layout[sample] == original).any()):  # a later step at the same layer may have dropped it
+                out[sample, _positions_in(layout[sample], torch.tensor([original], device=layout.device))] = row.to(out.dtype)
         return out
 
     def _cut_caches(self, before_layer):

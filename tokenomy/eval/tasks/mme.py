@@ -20,24 +20,21 @@ IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 def mme_parse(text: str) -> str:
     """MME calculation.py ``parse_pred_ans`` after its ``pred_ans.lower()``, on the stripped decoded text."""
-    text = text.strip().lower()
-    if text in ("yes", "no"):
-        return text
-    prefix = text[:4]
-    if "yes" in prefix:
-        return "yes"
-    if "no" in prefix:
-        return "no"
-    return "other"
+    return _yes_no_in_prefix(text.strip().lower())
 
 
 def mme_parse_lmms_eval(text: str) -> str:
     """lmms-eval lmms_eval/tasks/mme/utils.py ``parse_pred_ans`` (lines 48-69)."""
     text = text.lower().strip().replace(".", "")
-    if text in ("yes", "no"):
-        return text
     if len(text) == 1:
         return {"y": "yes", "n": "no"}.get(text, "other")
+    return _yes_no_in_prefix(text)
+
+
+def _yes_no_in_prefix(text: str) -> str:
+    """The rule both references share: an exact yes/no, else 'yes' or 'no' within the first four characters."""
+    if text in ("yes", "no"):
+        return text
     prefix = text[:4]
     if "yes" in prefix:
         return "yes"

@@ -37,13 +37,16 @@ def binary_metrics(pairs: list[tuple[str, str]]) -> dict:
     tn = sum(p == "no" and g == "no" for p, g in pairs)
     fn = sum(p == "no" and g == "yes" for p, g in pairs)
     n = len(pairs)
+    return {"accuracy": 100.0 * (tp + tn) / n if n else 0.0, **_precision_recall_f1(tp, fp, fn),
+            "yes_ratio": 100.0 * sum(p != "no" for p, _ in pairs) / n if n else 0.0,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n}
+
+
+def _precision_recall_f1(tp: int, fp: int, fn: int) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": 100.0 * (tp + tn) / n if n else 0.0, "precision": 100.0 * precision,
-            "recall": 100.0 * recall, "f1": 100.0 * f1,
-            "yes_ratio": 100.0 * sum(p != "no" for p, _ in pairs) / n if n else 0.0,
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n}
+    return {"precision": 100.0 * precision, "recall": 100.0 * recall, "f1": 100.0 * f1}
 
 
 def lmms_eval_metrics(pairs: list[tuple[str, str]]) -> dict:
@@ -56,11 +59,7 @@ def lmms_eval_metrics(pairs: list[tuple[str, str]]) -> dict:
     fp = sum(p == "yes" and g == "no" for p, g in pairs)
     fn = sum(p == "no" and g == "yes" for p, g in pairs)
     n = len(pairs)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": 100.0 * sum(p == g for p, g in pairs) / n if n else 0.0, "precision": 100.0 * precision,
-            "recall": 100.0 * recall, "f1": 100.0 * f1,
+    return {"accuracy": 100.0 * sum(p == g for p, g in pairs) / n if n else 0.0, **_precision_recall_f1(tp, fp, fn),
             "yes_ratio": 100.0 * sum(g == "yes" for _, g in pairs) / n if n else 0.0, "n": n}
 
 
