@@ -17,7 +17,9 @@ from tokenomy.errors import InputError
 from tokenomy.kernels.dpc_knn import dpc_knn
 from tokenomy.reducers import ImageTokens
 from tokenomy.reducers import ppe as ppe_module
-from tokenomy.reducers.ppe import PPE, PPECascade, SubBandRotary, member_cycle, round_robin, split_budget
+from tokenomy.kernels import dispatch
+from tokenomy.reducers.ppe import (PPE, PPECascade, SubBandRotary, member_cycle, round_robin, split_budget,
+                                     tome_assignment)
 from tokenomy.vision.base import grid_positions
 from tokenomy.vlm import tiny
 from tokenomy.vlm.pipeline import Pipeline
@@ -104,7 +106,8 @@ def test_bad_options_and_models_are_refused_at_load():
     with pytest.raises(InputError, match="needs position_policy='multi'"):
         tokenomy.load("tiny-qwen2-vl", "ppe:ppe_k=1", position_policy="keep")
     for options, message in [(dict(ratio=0), "ratio"), (dict(ratio=1.5), "ratio"), (dict(ppe_k=0), "ppe_k"),
-                             (dict(knn=0), "knn"), (dict(order="score"), "order"), (dict(backend="cuda"), "backend")]:
+                             (dict(knn=0), "knn"), (dict(order="score"), "order"), (dict(backend="cuda"), "backend"),
+                             (dict(merger="pact"), "merger must be one of")]:
         with pytest.raises(InputError, match=message):
             PPE(**options)
     with pytest.raises(InputError, match="positions must be one of \\['code', 'paper'\\]"):
@@ -142,6 +145,30 @@ def test_each_super_frame_is_clustered_alone_in_centre_order():
     for slot in range(selection.num_kept):
         members = torch.nonzero(selection.merge_index == slot).squeeze(1)
         assert torch.equal(selection.positions[slot], image.positions[member_cycle(members, 4)])
+
+
+def test_tome_as_the_base_merger():
+    image = video_tokens(frames=2, seed=1)
+    selection = PPE(ppe_k=2, merger="tome").select(image)
+    assert selection.num_kept == 2 * 9
+    merged = selection.apply(image.features)
+    for slot in range(selection.num_kept):
+        members = torch.nonzero(selection.merge_index == slot).squeeze(1)
+        assert int(selection.kept[slot]) == int(members[0])  # the slot of its first member, slots in raster order
+        assert len(set(image.positions[members, 0].tolist())) == 1
+        assert torch.equal(selection.positions[slot], image.positions[member_cycle(members, 2)])
+    assert bool((selection.kept.diff() > 0).all())
+    # ToMe's own size-weighted rounds give the same merged tokens
+    features = image.features[:20]
+    y, size = features[None], None
+    while y.shape[1] > 9:
+        plan = dispatch.match(y, min(y.shape[1] - 9, (y.shape[1] + 1) // 2))
+        y, size = dispatch.merge(y, plan, size)
+    assign = tome_assignment(features, 9)
+    for row in range(9):
+        torch.testing.assert_close(y[0, row], features[assign == row].mean(0))
+        slot = int(selection.merge_index[int(torch.nonzero(assign == row)[0])])
+        torch.testing.assert_close(merged[slot], y[0, row])
 
 
 def test_member_positions_follow_the_official_order_and_cycle():
@@ -227,6 +254,12 @@ def test_one_dimensional_rope_llava_end_to_end():
     for g in generations:
         first = math.ceil(49 * 0.45)
         assert g.stats["visual_tokens_per_layer"] == [first, first, math.ceil(first * 0.45), math.ceil(first * 0.45)]
+
+
+def test_tome_merger_end_to_end():
+    model, processor = wide_qwen("tiny-qwen2-vl", [4, 2, 2])
+    for g in check_plan(Pipeline(model, processor, "ppe:ppe_k=2,merger=tome+ppe-cascade:ppe_k=2,layers=2,merger=tome")):
+        assert [s["reducer"] for s in g.stats["stages"]] == ["ppe", "ppe-cascade"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

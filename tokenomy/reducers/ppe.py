@@ -4,7 +4,9 @@
 2 frames of a video) are clustered by DPC-KNN into ceil(N * ratio) clusters (or the `keep` budget), each cluster
 becomes the mean of its members, placed in centre order (descending centre score), as the official code does. A
 merged token carries K member positions: members in ascending index, taken from the last one backwards and cycling
-when there are fewer than K (the official `select_pos_topk` order, made deterministic).
+when there are fewer than K (the official `select_pos_topk` order, made deterministic). `merger="tome"` uses ToMe's
+bipartite matching instead (rounds of at most half until the count is reached; slots ordered by first member), as
+the paper pairs PPE with other mergers.
 
 Its rotary (`multi_rotary`) splits every M-RoPE axis band into K contiguous sub-bands of frequency pairs; sub-band k
 of axis a rotates by axis a of member k. Text and unmerged tokens carry their single position K times, so with K=1
@@ -27,11 +29,13 @@ from typing import Optional
 import torch
 
 from tokenomy.errors import InputError
+from tokenomy.kernels import dispatch
 from tokenomy.kernels.dispatch import BACKENDS, dpc_knn
 from tokenomy.reducers.base import ImageTokens, PositionPolicy, Reducer, Selection, Site
 from tokenomy.reducers.registry import register
 
 CASCADE_POSITIONS = ("code", "paper")  # a re-merged token's K positions: its last member's set, or round-robin
+MERGERS = ("dpc-knn", "tome")  # the base merger: Chat-UniVi's density peaks (official), or ToMe's bipartite matching
 ORDERS = ("centre", "raster")  # merged tokens in descending centre score (official), or by their kept index
 MROPE_FAMILIES = {"qwen2_vl_text": [16, 24, 24], "qwen2_5_vl_text": [16, 24, 24]}  # transformers' default sections
 
@@ -94,6 +98,19 @@ def split_budget(sizes: list, total: int) -> list:
     return counts
 
 
+def tome_assignment(features: torch.Tensor, count: int, backend=None) -> torch.Tensor:
+    """ToMe as the base merger: rounds of bipartite soft matching on the (size-weighted mean) features, each removing
+    at most half, until `count` tokens remain. Returns the slot (0..count-1) each original token ends in."""
+    current, size = features[None].contiguous(), None
+    assign = torch.arange(features.shape[0], device=features.device)
+    while current.shape[1] > count:
+        r = min(current.shape[1] - count, (current.shape[1] + 1) // 2)
+        plan = dispatch.match(current, r, backend=backend)
+        current, size = dispatch.merge(current, plan, size, backend=backend)
+        assign = plan.out_row[0][assign]
+    return assign.cpu()
+
+
 def member_cycle(members: torch.Tensor, ppe_k: int) -> torch.Tensor:
     """K representatives of an ascending member list: the last one first, backwards, cycling."""
     return members.flip(0)[torch.arange(ppe_k, device=members.device) % len(members)]
@@ -105,8 +122,10 @@ class PPE(Reducer):
     position_policy = PositionPolicy.MULTI
 
     def __init__(self, keep=None, ratio: float = 0.45, ppe_k: int = 8, knn: int = 5, order: str = "centre",
-                 backend: Optional[str] = None):
+                 merger: str = "dpc-knn", backend: Optional[str] = None):
         super().__init__(keep=keep)
+        if merger not in MERGERS:
+            raise InputError(f"{self.name} merger must be one of {list(MERGERS)}, got {merger!r}")
         if order not in ORDERS:
             raise InputError(f"{self.name} order must be one of {list(ORDERS)}, got {order!r}")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -118,6 +137,7 @@ class PPE(Reducer):
         if backend is not None and backend not in BACKENDS:
             raise InputError(f"{self.name} backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.ratio, self.ppe_k, self.knn, self.order, self.backend = float(ratio), ppe_k, knn, order, backend
+        self.merger = merger
         self.positions_per_token = ppe_k
 
     def multi_rotary(self, text_config):
@@ -137,10 +157,8 @@ class PPE(Reducer):
         kept, kept_positions = [], []
         merge_index = torch.empty(image.num_tokens, dtype=torch.long)
         for group, count in zip(groups, self.clusters(image, [len(g) for g in groups])):
-            knn = min(3, max(count // 2, 1)) if self.knn > count else self.knn  # the official CTM's rule
-            result = dpc_knn(features[group][None].contiguous(), count, min(knn, len(group)), backend=self.backend)
-            assign = result.assign[0].cpu()
-            slot_kept, slot_positions = self.place(group.cpu(), result.centres[0].cpu(), assign, positions)
+            centres, assign = self.cluster(features[group], count)
+            slot_kept, slot_positions = self.place(group.cpu(), centres, assign, positions)
             if self.order == "raster":
                 order = torch.argsort(slot_kept)
                 slot_kept, slot_positions = slot_kept[order], slot_positions[order.to(slot_positions.device)]
@@ -151,6 +169,18 @@ class PPE(Reducer):
         kept = torch.cat(kept)
         return Selection(kept, torch.cat(kept_positions), merge_index=merge_index,
                          merge_weight=torch.ones(image.num_tokens))
+
+    def cluster(self, features, count):
+        """(centres [count] in slot order, assign [N] slot of every token), both local to the group, on the CPU."""
+        if self.merger == "tome":
+            assign = tome_assignment(features, count, self.backend)
+            first = torch.full((count,), len(assign), dtype=torch.long).scatter_reduce(
+                0, assign, torch.arange(len(assign)), reduce="amin")
+            order = torch.argsort(first)  # ToMe has no centre score: slots by their first member
+            return first[order], torch.argsort(order)[assign]
+        knn = min(3, max(count // 2, 1)) if self.knn > count else self.knn  # the official CTM's rule
+        result = dpc_knn(features[None].contiguous(), count, min(knn, len(features)), backend=self.backend)
+        return result.centres[0].cpu(), result.assign[0].cpu()
 
     def place(self, group, centres, assign, positions):
         """Kept indices (the centres, in centre order) and the K positions of each cluster's members."""
@@ -168,8 +198,8 @@ class PPECascade(PPE):
     site = Site.LLM
 
     def __init__(self, keep=None, ratio: float = 0.45, ppe_k: int = 8, knn: int = 5, layers=None,
-                 positions: str = "code", backend: Optional[str] = None):
-        super().__init__(keep=keep, ratio=ratio, ppe_k=ppe_k, knn=knn, order="raster", backend=backend)
+                 positions: str = "code", merger: str = "dpc-knn", backend: Optional[str] = None):
+        super().__init__(keep=keep, ratio=ratio, ppe_k=ppe_k, knn=knn, order="raster", merger=merger, backend=backend)
         if positions not in CASCADE_POSITIONS:
             raise InputError(f"ppe-cascade positions must be one of {list(CASCADE_POSITIONS)}, got {positions!r}")
         self.positions = positions
