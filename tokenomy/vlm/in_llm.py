@@ -309,7 +309,8 @@ class LLMRun:
         own = image["positions"][kept.to(image["positions"].device)]
         own = own if own.dim() == 3 else own[:, None]
         new = positions if positions.dim() == 3 else positions[:, None]
-        own = own.expand(-1, new.shape[1], -1).to(new.device)
+        width = max(own.shape[1], new.shape[1])  # a single position stands for all m
+        own, new = own.expand(-1, width, -1).to(new.device), new.expand(-1, width, -1)
         moved = torch.nonzero((own != new).flatten(1).any(1)).squeeze(1)
         if not len(moved):
             return
