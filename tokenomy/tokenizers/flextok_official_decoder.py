@@ -527,7 +527,10 @@ class FlexTok(FlexTokEncoder):
         shape = (batch, self.decoder.out_channels, height, width)
         if noise is not None and tuple(noise.shape) != shape:
             raise InputError(f"FlexTok decode: noise must have shape {shape} (ids batch, latent channels, latent_size), got {tuple(noise.shape)}")
-        x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
+        if noise is not None:
+            x = noise.to(device)
+        else:  # one draw per sample, as the official pipeline: a seed then gives the official noise, whatever the sizes
+            x = torch.cat([torch.randn((1, *shape[1:]), generator=generator, device=device) for _ in range(batch)])
         guided = cfg != 1.0
         if guided and not self.decoder.has_null_condition:
             raise InputError("this FlexTok decoder has no null-condition module: decode with cfg=1.0")
@@ -544,7 +547,7 @@ class FlexTok(FlexTokEncoder):
                     v = uncond + cfg * (cond - uncond)
             else:
                 v = self.decoder.velocity(x, t, codes, [keep] * batch).float()
-            x = x - v / steps
+            x = x - (1.0 / steps) * v  # the official step dt * v, rounded as it rounds
         return self.vae.decode(x / self.scaling_factor).sample
 
 
