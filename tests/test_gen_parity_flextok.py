@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tests.test_gen_official_flextok import TINY_VAE
+from tokenomy.errors import ModelLoadError
 from tokenomy.tokenizers.flextok_official_decoder import load_flextok
 
 # 5 latent channels and 6x6 latents: 180 numbers per sample, not a multiple of 16, so on CPU one batched randn
@@ -34,7 +35,7 @@ IMAGE, LATENT, GRID = 12, 6, 4  # the tiny VAE halves; posemb tables are 4x4 (3x
 T = "flextok.model."
 
 
-def flextok_config(sample_posterior=False):
+def flextok_config(sample_posterior=False, head_norm=True):
     """A Hydra config tree in the layout of the official wrapper (W 259-270): vae, encoder and decoder
     SequentialModuleDictWrappers with their read/write keys, FSQ regularizer, MinRF pipeline."""
     encoder = {
@@ -59,7 +60,7 @@ def flextok_config(sample_posterior=False):
                          "inner_seq_write_keys": ["enc_patches_out", "enc_registers_out"], "inner_packed_shapes_read_key": "enc_ps_inner",
                          "outer_packed_shapes_read_key": "enc_ps_outer"},
         "enc_to_latents": {"_target_": T + "postprocessors.heads.LinearHead", "read_key": "enc_registers_out", "write_key": "enc_latents",
-                           "dim": DIM, "dim_out": len(LEVELS), "use_mup_readout": False},
+                           "dim": DIM, "dim_out": len(LEVELS), "use_mup_readout": False, **({} if head_norm else {"norm_layer": None})},
     }
     decoder = {
         "dec_from_latents": {"_target_": T + "preprocessors.linear.LinearLayer", "read_key": "quants", "write_key": "dec_quants",
@@ -290,7 +291,7 @@ class Official:
 
     def head(self, m, c, d):  # LinearHead.forward HE 141-157 (forward_default 126-129, forward_adaLN 131-139)
         x_packed, ps = pack(d[c["read_key"]])
-        x = fp32_layer_norm(x_packed)
+        x = fp32_layer_norm(x_packed) if c.get("norm_layer", "default") is not None else x_packed  # norm or Identity, HE 80
         if c.get("adaLN_emb_read_key") is not None:  # no packing fn: expand_emb_from_ps, HE 26-30
             emb = F.linear(F.silu(d[c["adaLN_emb_read_key"]]), self.p(m, "adaLN_modulation.1.weight"), self.p(m, "adaLN_modulation.1.bias"))
             emb = torch.cat([e.expand(1, math.prod(s), -1) for e, s in zip(emb, ps)], dim=1)
@@ -456,6 +457,26 @@ def test_flextok_tokenize_with_posterior_sampling_equals_official(tmp_path):
     expected = torch.cat(official.tokenize(x)[0])
     torch.manual_seed(5)
     assert torch.equal(model.encode(x), expected)
+
+
+@torch.no_grad()
+def test_flextok_encoder_head_without_norm_equals_official(tmp_path):
+    """LinearHead(norm_layer=None) projects the raw register outputs (HE 80); a GELU trunk is refused, not run as SiLU."""
+    state, config = official_state(), flextok_config(head_norm=False)
+    # the un-normalised residual stream is ~10x larger; a head scaled to give O(1) FSQ inputs keeps fp32 rounding < 1e-5
+    state["encoder.module_dict.enc_to_latents.proj.weight"] = state["encoder.module_dict.enc_to_latents.proj.weight"] * 0.1
+    model, official = load_flextok(write(tmp_path / "m", state, config), vae_config=TINY_VAE), Official(state, config)
+    x = images(45)
+    tokens, _, z_list = official.tokenize(x)
+    assert torch.equal(model.encode(x), torch.cat(tokens))
+    latents = official.vae.encode(x).latent_dist.mode() * 0.7
+    torch.testing.assert_close(model.register_latents(latents), torch.cat(z_list), rtol=0, atol=1e-5)
+    with_norm = Official(state, flextok_config()).tokenize(x)[2]
+    assert (torch.cat(z_list) - torch.cat(with_norm)).abs().max() > 1e-2  # the option matters, so the equality above says something
+    gelu = flextok_config()
+    gelu["encoder"]["module_dict"]["enc_transformer"]["act_layer"] = {"_target_": "torch.nn.GELU", "_partial_": True}
+    with pytest.raises(ModelLoadError, match=r"enc_transformer \(FlexTransformer\): act_layer .*GELU.* not ported"):
+        load_flextok(write(tmp_path / "gelu", state, gelu), vae_config=TINY_VAE)
 
 
 @pytest.mark.parametrize("keep, cfg, apg", [(REGISTERS, 1.0, False), (1, 1.0, False), (3, 2.5, False), (2, 3.0, True)])
