@@ -37,6 +37,24 @@ def _class_name(module_config: dict) -> str:
     return str(module_config.get("_target_", "")).rsplit(".", 1)[-1]
 
 
+def _target_name(spec) -> str:
+    """Class or function name of a Hydra `_target_` given as a dict or as a dotted string."""
+    return _class_name(spec) if isinstance(spec, dict) else str(spec or "").rsplit(".", 1)[-1]
+
+
+def unported_layers(module: dict, norm_may_be_none: bool = False) -> list[str]:
+    """The `norm_layer` / `act_layer` options of a module config that differ from the ported ones: a LayerNorm
+    without parameters (the official default, Fp32LayerNorm) and SiLU. Each is described for an error message."""
+    problems = []
+    norm = module.get("norm_layer", {"_target_": "Fp32LayerNorm", "elementwise_affine": False, "bias": False})
+    if not (norm is None and norm_may_be_none) and (
+            not isinstance(norm, dict) or _target_name(norm) != "Fp32LayerNorm" or norm.get("elementwise_affine", True) or norm.get("bias", True)):
+        problems.append(f"norm_layer {norm!r} (only Fp32LayerNorm without affine parameters is ported)")
+    if "act_layer" in module and _target_name(module["act_layer"]) != "SiLU":
+        problems.append(f"act_layer {module['act_layer']!r} (only SiLU is ported)")
+    return problems
+
+
 class FlexAttentionBlock(nn.Module):
     """FlexTok's FlexBlock: x += attn(LN(x)); x += gated MLP(LN(x)); LayerNorms without parameters."""
 
@@ -87,6 +105,7 @@ class FlexTokEncoder(nn.Module):
             FlexAttentionBlock(dim, trunk.get("head_dim", 64), trunk.get("mlp_ratio", 4.0), trunk.get("qkv_bias", False),
                                trunk.get("proj_bias", False), trunk.get("mlp_bias", False))
             for _ in range(trunk.get("depth", 12)))
+        self.head_norm = head.get("norm_layer", "default") is not None  # LinearHead: norm_layer=None is nn.Identity
         self.head = nn.Linear(head["dim"], head["dim_out"], bias=head.get("proj_bias", True))
         self.fsq = FSQ(config["regularizer"]["levels"])
 
@@ -116,7 +135,9 @@ class FlexTokEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         registers = x[:, num_patches:]
-        return self.head(F.layer_norm(registers.float(), (registers.shape[-1],)).type_as(registers))
+        if self.head_norm:
+            registers = F.layer_norm(registers.float(), (registers.shape[-1],)).type_as(registers)
+        return self.head(registers)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -152,6 +173,10 @@ def _encoder_modules(config: dict) -> dict[str, str]:
         raise ModelLoadError("FlexTok encoder registers: only ordering_mode 'nested' is ported")
     if modules[names["LinearHead"]].get("use_mup_readout"):
         raise ModelLoadError("FlexTok encoder head with a muP readout is not ported")
+    for kind, norm_may_be_none in (("FlexTransformer", False), ("LinearHead", True)):
+        problems = unported_layers(modules[names[kind]], norm_may_be_none)
+        if problems:
+            raise ModelLoadError(f"FlexTok encoder module {names[kind]} ({kind}): {'; '.join(problems)} not ported")
     return names
 
 

@@ -27,14 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from tokenomy.errors import InputError, ModelLoadError
-from tokenomy.tokenizers.flextok_official import FlexTokEncoder, _class_name, flextok_encoder_key_table
+from tokenomy.tokenizers.flextok_official import (FlexTokEncoder, _class_name, _target_name, flextok_encoder_key_table,
+                                                  unported_layers)
 
 # options that change nothing at inference (initialisation, training-time dropout, kernels, padding for FlexAttention)
 _INERT = {"_target_", "weight_init_style", "dtype_override", "use_act_checkpoint", "drop", "drop_path_rate",
           "compile_block_mask", "return_materialized_mask", "pad_to_multiple", "max_seq_len", "dropout_prob",
           "train_keep_k_write_key", "size_sampling_mode", "zero_init_query_proj", "intermediate_layer_write_key",
           "intermediate_layers", "inner_packed_shapes_read_key", "outer_packed_shapes_read_key", "n_patches_write_key"}
-_DEFAULT_NORM = "Fp32LayerNorm"  # the official default: LayerNorm without affine parameters
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -45,11 +45,6 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1.0 + scale) + shift
 
 
-def _target_name(spec) -> str:
-    """Class or function name of a Hydra `_target_` given as a dict or as a dotted string."""
-    return _class_name(spec) if isinstance(spec, dict) else str(spec or "").rsplit(".", 1)[-1]
-
-
 def _refuse(name: str, kind: str, why: str):
     raise ModelLoadError(f"FlexTok decoder module {name} ({kind}): {why}")
 
@@ -58,18 +53,6 @@ def _check_options(name: str, kind: str, module: dict, known: set[str]):
     unknown = sorted(set(module) - known - _INERT)
     if unknown:
         _refuse(name, kind, f"options {unknown} are not ported")
-
-
-def _check_norm(name: str, kind: str, norm, allow_none: bool = False):
-    if norm is None and allow_none:
-        return
-    if not isinstance(norm, dict) or _target_name(norm) != _DEFAULT_NORM or norm.get("elementwise_affine", True) or norm.get("bias", True):
-        _refuse(name, kind, f"norm_layer {norm!r} is not ported (only Fp32LayerNorm without affine parameters)")
-
-
-def _check_silu(name: str, kind: str, act):
-    if _target_name(act) != "SiLU":
-        _refuse(name, kind, f"act_layer {act!r} is not ported (only SiLU)")
 
 
 class LinearLayer(nn.Module):
@@ -435,16 +418,14 @@ def build_decoder_module(name: str, c: dict) -> nn.Module:
                 _refuse(name, kind, f"{option} is not ported")
         if c.get("adaLN_emb_read_key") is not None and c.get("adaLN_packing_fn_read_key") is None:
             _refuse(name, kind, "adaLN_emb_read_key needs adaLN_packing_fn_read_key (the official block calls it unconditionally)")
-        if "act_layer" in c:
-            _check_silu(name, kind, c["act_layer"])
-        if "norm_layer" in c:
-            _check_norm(name, kind, c["norm_layer"])
+        if unported_layers(c):
+            _refuse(name, kind, f"{'; '.join(unported_layers(c))} not ported")
         return FlexTransformer(c)
     if kind in ("LinearHead", "ToPatchesLinearHead"):
         if c.get("use_mup_readout"):
             _refuse(name, kind, "use_mup_readout=True is not ported (its output scale depends on muP base shapes)")
-        if "norm_layer" in c:
-            _check_norm(name, kind, c["norm_layer"], allow_none=True)
+        if unported_layers(c, norm_may_be_none=True):
+            _refuse(name, kind, f"{'; '.join(unported_layers(c, norm_may_be_none=True))} not ported")
         return LinearHead(c, tuple(c["patch_sizes"]) if kind == "ToPatchesLinearHead" else None)
     return {"LinearLayer": LinearLayer, "MaskedNestedDropout": MaskedNestedDropout, "PatchEmbedder": PatchEmbedder,
             "TimestepEmbedder": TimestepEmbedder, "SequenceUnpacker": SequenceUnpacker}[kind](c)
@@ -527,7 +508,10 @@ class FlexTok(FlexTokEncoder):
         shape = (batch, self.decoder.out_channels, height, width)
         if noise is not None and tuple(noise.shape) != shape:
             raise InputError(f"FlexTok decode: noise must have shape {shape} (ids batch, latent channels, latent_size), got {tuple(noise.shape)}")
-        x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
+        if noise is not None:
+            x = noise.to(device)
+        else:  # one draw per sample, as the official pipeline: a seed then gives the official noise, whatever the sizes
+            x = torch.cat([torch.randn((1, *shape[1:]), generator=generator, device=device) for _ in range(batch)])
         guided = cfg != 1.0
         if guided and not self.decoder.has_null_condition:
             raise InputError("this FlexTok decoder has no null-condition module: decode with cfg=1.0")
@@ -544,7 +528,7 @@ class FlexTok(FlexTokEncoder):
                     v = uncond + cfg * (cond - uncond)
             else:
                 v = self.decoder.velocity(x, t, codes, [keep] * batch).float()
-            x = x - v / steps
+            x = x - (1.0 / steps) * v  # the official step dt * v, rounded as it rounds
         return self.vae.decode(x / self.scaling_factor).sample
 
 
