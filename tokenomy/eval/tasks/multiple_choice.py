@@ -162,7 +162,8 @@ class MMBench(Task):
 
 class MMBenchJudge(MMBench):
     name = "mmbench-judge"
-    reference = "VLMEvalKit with a GPT judge when can_infer fails (judge not implemented here)"
+    reference = ("VLMEvalKit vlmeval/dataset/utils/multiple_choice.py extract_answer_from_item "
+                 "(GPT judge when can_infer fails; judge not implemented here)")
     description = "MMBench with GPT-assisted answer extraction (needs an LLM judge API; skipped by default)"
     requires_judge = True
 
