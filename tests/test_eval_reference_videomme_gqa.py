@@ -130,6 +130,8 @@ def reference_gqa_eval(questions, decoded):
     ("Both A and B", "B"),  # "B" ends the text
     ("Cannot tell", "C"),  # starts with "C" followed by a letter: not a start; "C" fallback
     ("None of these", ""),
+    ("Option B: no; C. yes", "C"),  # "X." (rank 5) beats "X:" (rank 4) wherever they are
+    ("so C) or maybe B:", "B"),  # "X:" (4) beats "X)" (3)
 ])
 def test_videomme_letter_golden(text, letter):
     assert reference_extract_mcq_answer(text, ["A", "B", "C", "D"]) == letter
@@ -223,9 +225,17 @@ def test_gqa_official_aggregation_splits_binary_and_open(tmp_path):
 
 
 def test_gqa_rows_without_types_report_accuracy_only():
-    task = tasks.get("gqa-lmms-eval")
-    metrics = task.aggregate([task.score({"answer": "red", "structural": ""}, "Red!")])
+    task = tasks.get("gqa")
+    metrics = task.aggregate([task.score({"answer": "red", "structural": ""}, "Red.")])
     assert metrics == {"accuracy": 100.0}
+
+
+def test_gqa_lmms_eval_reports_its_one_metric():
+    task = tasks.get("gqa-lmms-eval")
+    docs = [{"answer": "red", "structural": "query"}, {"answer": "yes", "structural": "verify"}]
+    records = [task.score(docs[0], "Red!"), task.score(docs[1], "no")]
+    assert task.aggregate(records) == {"accuracy": 100 * np.mean([reference_lmms_eval_gqa("Red!", "red"),
+                                                                  reference_lmms_eval_gqa("no", "yes")])}
 
 
 # ---- every task: a reference file named, shown by `tokenomy eval --tasks list` ----------------------------------

@@ -46,9 +46,13 @@ class GQA(Task):
     name = "gqa"
     reference = "LLaVA scripts/convert_gqa_for_eval.py + official GQA eval.py (strip, trailing periods, lowercase; exact)"
     folder = "gqa"
-    description = "GQA testdev-balanced: exact-match accuracy"
+    description = "GQA testdev-balanced: exact match after LLaVA's conversion; accuracy, binary, open (official)"
+    matching = "official eval.py"
     official_files = "testdev_balanced_questions.json (dict questionId -> {imageId, question, answer}), images images/<imageId>.jpg"
     row_fields = "question_id|id, question, answer, image|imageId"
+
+    def config(self) -> dict:
+        return {**super().config(), "matching": self.matching}
 
     def read_official(self, root: Path) -> LoadResult | None:
         qfile = root / "testdev_balanced_questions.json"
@@ -100,6 +104,11 @@ class GQALmmsEval(GQA):
     name = "gqa-lmms-eval"
     reference = "lmms-eval lmms_eval/tasks/gqa/gqa.yaml exact_match (strip; ignore case and all punctuation)"
     description = "GQA testdev-balanced: exact match ignoring case and punctuation (lmms-eval)"
+    matching = "lmms-eval exact_match"
 
     def matches(self, prediction: str, answer: str) -> bool:
         return lmms_eval_exact_match_text(prediction.strip()) == lmms_eval_exact_match_text(answer)
+
+    def aggregate(self, records: list[dict]) -> dict:
+        # gqa.yaml lines 18-21: exact_match is the only metric, its mean the only number
+        return {"accuracy": mean_percent([r["score"] for r in records])}

@@ -20,6 +20,10 @@ def _missing(value) -> bool:
 
 
 class ScienceQAImg(Task):
+    """ScienceQA test problems with an image, scored as haotian-liu/LLaVA llava/eval/eval_science_qa.py: the letter
+    rule of lines 65-77 (tokenomy.eval.choices.scienceqa_letter) and IMG-Accuracy, the share of correct answers
+    among the problems with an image (lines 99-105)."""
+
     name = "scienceqa-img"
     reference = "LLaVA llava/eval/eval_science_qa.py (IMG-Accuracy)"
     folder = "scienceqa"
@@ -73,6 +77,9 @@ class MMBench(Task):
     Rotations come from the file when it has them (rows with index >= 1e6, grouped by index % 1e6); otherwise
     they are generated here as LLaVA's `--all-rounds` does. Letters are extracted as VLMEvalKit's exact matching
     does (``can_infer``, no judge; "Z" when nothing matches), and a group passes only when every rotation does.
+    References: open-compass/VLMEvalKit vlmeval/utils/matching_util.py ``can_infer`` (lines 124-127) and
+    vlmeval/dataset/utils/multiple_choice.py ``extract_answer_from_item`` (lines 359-383) and ``mcq_circular_eval``
+    (lines 511-582).
     """
 
     name = "mmbench"
@@ -169,7 +176,9 @@ class MMBenchJudge(MMBench):
 
 
 class SEEDBenchImage(Task):
-    """SEED-Bench v1 image questions scored as lmms-eval's ``seedbench`` task scores ``seed_image``."""
+    """SEED-Bench v1 image questions scored as lmms-eval's ``seedbench`` task scores ``seed_image``:
+    lmms_eval/tasks/seedbench/utils.py ``seed_process_result`` (lines 17-24: first character of the stripped text)
+    and ``seed_aggregation_result`` (lines 27-34: lowercased, stripped comparison; mean)."""
 
     name = "seed-bench"
     reference = "lmms-eval lmms_eval/tasks/seedbench/utils.py (first character, case-insensitive)"

@@ -30,13 +30,14 @@ class VideoMME(Task):
     name = "videomme"
     reference = "lmms-eval lmms_eval/tasks/videomme/utils.py (letter by _task_utils/mcq_extract.py)"
     folder = "videomme"
-    description = "Video-MME w/o subtitles: accuracy overall and by duration (short/medium/long)"
+    description = "Video-MME w/o subtitles: accuracy overall and by duration, domain and task type"
     official_files = "test-*.parquet (or JSON/JSONL) rows + videos data/<videoID>.mp4"
     row_fields = "question_id, videoID, duration, domain, task_type, question, options, answer"
     n_frames = 8
 
     def config(self) -> dict:
-        return {**super().config(), "frames": self.n_frames, "subtitles": False}
+        return {**super().config(), "frames": self.n_frames, "subtitles": False,
+                "letter_extraction": "lmms-eval mcq_extract.py"}
 
     def read_official(self, root: Path):
         return None  # the distribution is generic rows (parquet) plus a video folder
