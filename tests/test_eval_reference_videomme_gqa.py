@@ -9,6 +9,8 @@ The transcriptions below are references, kept inside the test as the issue asks:
 - ``reference_lmms_eval_gqa``: lmms_eval/tasks/gqa/gqa.yaml lines 18-23 (exact_match, ignore_case,
   ignore_punctuation) through lmms_eval/api/metrics.py lines 188-220 (exact_match_hf_evaluate), on the text
   stripped by lmms_eval/api/task.py line 1675.
+- ``reference_strip_reasoning_tags``: lmms_eval/api/reasoning.py lines 21-36, applied by lmms_eval/evaluator.py
+  lines 1225-1233 with the default tag pairs of lmms_eval/__main__.py lines 309-314 to every answer of every task.
 - ``reference_gqa_eval``: the official GQA eval.py as LLaVA's setup runs it (copy at SHI-Labs/VCoder 4e85acef
   playground/data/eval/gqa/data/eval/eval.py lines 357-374 and 435-437), fed by haotian-liu/LLaVA c121f043
   scripts/convert_gqa_for_eval.py line 14 on the text stripped by llava/eval/model_vqa_loader.py line 116.
@@ -24,6 +26,7 @@ from PIL import Image
 
 from tokenomy.eval import tasks
 from tokenomy.eval.choices import mcq_extract_letter
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 from tokenomy.eval.cli import run_eval_command
 
 
@@ -102,6 +105,25 @@ def reference_lmms_eval_gqa(prediction, answer):
     predictions = np.char.translate(predictions, table=repl_table)
     references = np.char.translate(references, table=repl_table)
     return float(np.mean(predictions == references))
+
+
+# ---- reference: lmms-eval reasoning.py lines 21-36 with the default --reasoning_tags -------------------------
+_REF_DEFAULT_TAGS = [["<think>", "</think>"], ["<analysis>", "</analysis>"]]
+
+
+def reference_strip_reasoning_tags(text, tag_pairs=_REF_DEFAULT_TAGS):
+    result = text
+    for start_tag, end_tag in tag_pairs:
+        while start_tag in result and end_tag in result:
+            start = result.find(start_tag)
+            end = result.find(end_tag, start)
+            if start != -1 and end != -1:
+                result = result[:start] + result[end + len(end_tag):]
+            else:
+                break
+        if end_tag in result and start_tag not in result:
+            result = result.rsplit(end_tag, 1)[-1]
+    return result.strip()
 
 
 # ---- reference: LLaVA convert_gqa_for_eval.py line 14 + GQA eval.py lines 357-374, 435-437 ---------------------
@@ -236,6 +258,41 @@ def test_gqa_lmms_eval_reports_its_one_metric():
     records = [task.score(docs[0], "Red!"), task.score(docs[1], "no")]
     assert task.aggregate(records) == {"accuracy": 100 * np.mean([reference_lmms_eval_gqa("Red!", "red"),
                                                                   reference_lmms_eval_gqa("no", "yes")])}
+
+
+# ---- lmms-eval's reasoning-block removal, before every lmms-eval task scores -------------------------------
+@pytest.mark.parametrize("text, kept", [
+    ("<think>maybe B</think> A", "A"), ("</think>\nYes", "Yes"), ("plan</think>no</think> C ", "C"),
+    ("<think>unclosed B", "<think>unclosed B"), ("</think>x<think>", "</think>x<think>"),
+    ("<think>a</think>B<think>c</think>", "B"), ("<analysis>x</analysis><think>y</think> D", "D"),
+    ("<THINK>B</THINK> A", "<THINK>B</THINK> A"),  # tags match case-sensitively
+    ("  plain\n", "plain"),
+])
+def test_lmms_eval_response_golden(text, kept):
+    assert reference_strip_reasoning_tags(text) == kept
+    assert lmms_eval_response(text) == kept
+
+
+def test_lmms_eval_response_equals_reference_on_random_text():
+    rng = random.Random(2)
+    pieces = ["<think>", "</think>", "<analysis>", "</analysis>", "<think", "think>", "A", " ", "\n", "yes"]
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        assert lmms_eval_response(text) == reference_strip_reasoning_tags(text), repr(text)
+
+
+@pytest.mark.parametrize("name, doc, prediction, score", [
+    ("videomme", {"answer": "C", "duration": "short", "domain": "", "task_type": ""}, "<think>A? B?</think> C", 1.0),
+    ("gqa-lmms-eval", {"answer": "yes", "structural": ""}, "<think>no</think>\nYes!", 1.0),
+    ("gqa", {"answer": "yes", "structural": ""}, "<think>no</think>\nYes", 0.0),  # LLaVA's pipeline keeps the tags
+    ("pope-strict", {"label": "no", "split": "random"}, "</think>No", 1.0),
+    ("pope", {"label": "no", "split": "random"}, "</think>No", 0.0),  # one word "</think>No": read as yes
+    ("mme-lmms-eval", {"answer": "yes", "subtask": "OCR", "image_key": "k"}, "<think>no</think>yes", 1.0),
+    ("mme", {"answer": "yes", "subtask": "OCR", "image_key": "k"}, "<think>no</think>yes", 0.0),
+    ("seed-bench", {"answer": "B", "question_type": "1"}, "<think>A</think> b", 1.0),
+])
+def test_lmms_eval_tasks_drop_reasoning_blocks(name, doc, prediction, score):
+    assert tasks.get(name).score(doc, prediction)["score"] == score
 
 
 # ---- every task: a reference file named, shown by `tokenomy eval --tasks list` ----------------------------------

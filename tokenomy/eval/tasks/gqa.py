@@ -11,7 +11,8 @@ lines 357-374 (balanced questions only; exact match; "open" when the structural 
 
 ``gqa-lmms-eval`` is lmms-eval's ``gqa`` task (EvolvingLMMs-Lab/lmms-eval 75571cfe): lmms_eval/tasks/gqa/gqa.yaml
 lines 18-23 (exact_match with ignore_case and ignore_punctuation, mean), i.e. lmms_eval/api/metrics.py
-``exact_match_hf_evaluate`` lines 188-220 on the stripped text (lmms_eval/api/task.py line 1675): both sides
+``exact_match_hf_evaluate`` lines 188-220 on the text lmms-eval hands every task (reasoning blocks dropped,
+stripped: tokenomy/eval/tasks/lmms_eval_response.py; lmms_eval/api/task.py line 1675 strips again): both sides
 lowercased, then every ``string.punctuation`` character deleted anywhere, so "Yes!", "No," and "(red)" count
 where the official pipeline marks them wrong, and "t-shirt" equals "tshirt".
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tokenomy.eval.data import image_ref, read_json
 from tokenomy.eval.tasks.base import SHORT_ANSWER, LoadResult, Task, as_str_id, mean_percent
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 
 
 def gqa_normalize(text: str) -> str:
@@ -107,7 +109,7 @@ class GQALmmsEval(GQA):
     matching = "lmms-eval exact_match"
 
     def matches(self, prediction: str, answer: str) -> bool:
-        return lmms_eval_exact_match_text(prediction.strip()) == lmms_eval_exact_match_text(answer)
+        return lmms_eval_exact_match_text(lmms_eval_response(prediction)) == lmms_eval_exact_match_text(answer)
 
     def aggregate(self, records: list[dict]) -> dict:
         # gqa.yaml lines 18-21: exact_match is the only metric, its mean the only number

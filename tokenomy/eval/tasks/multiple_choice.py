@@ -11,6 +11,7 @@ from pathlib import Path
 from tokenomy.eval.choices import LETTERS, first_letter, format_options, option_letter_static, scienceqa_letter
 from tokenomy.eval.data import ImageRef, decode_base64, image_ref, read_json, read_tsv
 from tokenomy.eval.tasks.base import MULTIPLE_CHOICE, LoadResult, Task, as_str_id, mean_percent
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 
 CIRCULAR_OFFSET = 1_000_000
 
@@ -178,7 +179,8 @@ class MMBenchJudge(MMBench):
 class SEEDBenchImage(Task):
     """SEED-Bench v1 image questions scored as lmms-eval's ``seedbench`` task scores ``seed_image``:
     lmms_eval/tasks/seedbench/utils.py ``seed_process_result`` (lines 17-24: first character of the stripped text)
-    and ``seed_aggregation_result`` (lines 27-34: lowercased, stripped comparison; mean)."""
+    and ``seed_aggregation_result`` (lines 27-34: lowercased, stripped comparison; mean), on the answer after
+    lmms-eval's reasoning-block removal (lmms_eval_response.py)."""
 
     name = "seed-bench"
     reference = "lmms-eval lmms_eval/tasks/seedbench/utils.py (first character, case-insensitive)"
@@ -220,7 +222,7 @@ class SEEDBenchImage(Task):
         return doc["answer"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        letter = first_letter(prediction)
+        letter = first_letter(lmms_eval_response(prediction))
         # seed_aggregation_result (utils.py lines 27-34) compares lowercased, stripped pred and answer
         correct = letter.lower().strip() == doc["answer"].lower().strip()
         return {"score": float(correct), "parsed": letter, "question_type": doc["question_type"]}

@@ -3,10 +3,11 @@
 Scored as lmms-eval (EvolvingLMMs-Lab/lmms-eval at 75571cfe) scores its ``videomme`` task:
 lmms_eval/tasks/videomme/utils.py ``videomme_process_results`` (lines 271-301) reads the letter with
 ``extract_characters_regex`` (lines 256-259), i.e. lmms_eval/tasks/_task_utils/mcq_extract.py
-``extract_mcq_answer`` with choices A-D (tokenomy.eval.choices.mcq_extract_letter), on the stripped text
-(lmms_eval/api/task.py lines 1586-1590). ``videomme_aggregate_results`` (lines 304-371) returns the percentage of
-exact letter matches over all questions; the per-duration, per-domain and per-task-type accuracies it logs are
-returned here as ``by_duration``, ``by_domain`` and ``by_task_type``.
+``extract_mcq_answer`` with choices A-D (tokenomy.eval.choices.mcq_extract_letter), on the text lmms-eval hands
+every task (reasoning blocks dropped, stripped: tokenomy/eval/tasks/lmms_eval_response.py).
+``videomme_aggregate_results`` (lines 304-371) returns the percentage of exact letter matches over all questions;
+the per-duration, per-domain and per-task-type accuracies it logs are returned here as ``by_duration``,
+``by_domain`` and ``by_task_type``.
 
 The prompt is the Video-MME frames prompt quoted in utils.py lines 188-191 (lmms-eval's ``llava_vid`` post-prompt
 "The best answer is:"); lmms-eval's default prompt instead mentions subtitles and asks for the letter directly.
@@ -20,6 +21,7 @@ from PIL import Image
 
 from tokenomy.eval.choices import mcq_extract_letter
 from tokenomy.eval.tasks.base import Task, as_str_id, mean_percent
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 from tokenomy.eval.video import load_video
 
 PROMPT_HEAD = ("Select the best answer to the following multiple-choice question based on the video. "
@@ -69,7 +71,7 @@ class VideoMME(Task):
         return doc["answer"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        letter = mcq_extract_letter(prediction, "ABCD")
+        letter = mcq_extract_letter(lmms_eval_response(prediction), "ABCD")
         return {"score": float(letter == doc["answer"]), "parsed": letter, "duration": doc["duration"],
                 "domain": doc["domain"], "task_type": doc["task_type"]}
 
