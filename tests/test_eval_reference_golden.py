@@ -119,7 +119,7 @@ def test_mme_variant_uses_lmms_eval_parsing():
     ("the yes", False), ("", False), ("yes, it is", False),
 ])
 def test_gqa_exact_match(prediction, correct):
-    assert GQA().score({"answer": "yes"}, prediction)["score"] == float(correct)
+    assert GQA().score({"answer": "yes", "structural": "verify"}, prediction)["score"] == float(correct)
 
 
 # ---- ScienceQA: LLaVA llava/eval/eval_science_qa.py lines 28-36, 65-77 -----------------------------------------

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from tokenomy.eval.choices import first_letter, option_letter_static, scienceqa_letter, videomme_letter
+from tokenomy.eval.choices import first_letter, mcq_extract_letter, option_letter_static, scienceqa_letter
 from tokenomy.eval.tasks.gqa import gqa_normalize
 from tokenomy.eval.tasks.mme import MME, mme_parse
 from tokenomy.eval.tasks.multiple_choice import MMBench
@@ -138,6 +138,6 @@ def test_mmbench_rotations_and_circular_rule():
 
 def test_first_letter_and_videomme_letter():
     assert first_letter("  B) cat") == "B" and first_letter("") == ""
-    assert videomme_letter("The best answer is: C.") == "C"
-    assert videomme_letter("(B)") == "B"
-    assert videomme_letter("Dog") == ""  # a capital inside a word is not an answer
+    assert mcq_extract_letter("The best answer is: C.") == "C"
+    assert mcq_extract_letter("(B)") == "B"
+    assert mcq_extract_letter("Dog") == "D"  # lmms-eval's last resort: any capital choice letter, even in a word

@@ -73,14 +73,55 @@ def first_letter(prediction: str) -> str:
     return stripped[:1]
 
 
-_VIDEOMME_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                      "The best option is", "The correct option is", "Best answer:", "Best option:")
+# Word for word as lmms-eval lists them: the list order decides nothing, but a phrase missing here would.
+_MCQ_ANSWER_PHRASES = ("the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+                       "best answer is", "the correct option is", "correct option is", "the best option is",
+                       "best option is", "the choice is", "choice is", "the correct choice is", "correct choice is",
+                       "i choose", "i select", "i pick", "my answer is", "my choice is",
+                       "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは")
+# (text before the letter, text after it, rank): a higher rank wins, then the later position.
+_MCQ_MARKED_FORMS = (("(", ")", 6), ("", ".", 5), ("", ":", 4), ("", ")", 3), ("", " ", 2))
+_MCQ_RANK_START, _MCQ_RANK_END, _MCQ_RANK_PHRASE = 10, 9, 7
 
 
-def videomme_letter(prediction: str) -> str:
-    """Video-MME: drop answer prefixes, then the first standalone letter A-D ('' when none)."""
+def mcq_extract_letter(prediction: str, choices: str = "ABCD") -> str:
+    """lmms-eval lmms_eval/tasks/_task_utils/mcq_extract.py ``extract_mcq_answer`` (lines 66-158, at 75571cfe), as
+    lmms_eval/tasks/videomme/utils.py lines 256-259 call it with choices A-D; "" when no letter is found.
+
+    The text is stripped, then ``,.!?;:'"`` are stripped from its ends one after the other and it is padded with a
+    space each side. Candidates: the last "(X)", "X.", "X:", "X)", "X " (ranks 6 to 2); the first X anywhere after
+    the first occurrence of each answer phrase (rank 7, phrase found case-insensitively, X case-sensitively);
+    a standalone X at the start (10) or end (9). The highest rank wins, then the later position. Only when there is
+    no candidate at all does the last X anywhere, even inside a word ("Dog" -> D), count.
+    """
+    if not prediction.strip():
+        return ""
     text = prediction.strip()
-    for prefix in _VIDEOMME_PREFIXES:
-        text = text.replace(prefix, "")
-    found = re.search(r"\b([ABCD])\b", text)
-    return found.group(1) if found else ""
+    for mark in ",.!?;:'\"":
+        text = text.strip(mark)
+    padded = f" {text} "
+    candidates: list[tuple[int, int, str]] = []  # (rank, position, letter)
+    for before, after, rank in _MCQ_MARKED_FORMS:
+        for letter in choices:
+            position = padded.rfind(before + letter + after)
+            if position != -1:
+                candidates.append((rank, position, letter))
+    lowered = padded.lower()
+    for phrase in _MCQ_ANSWER_PHRASES:
+        phrase_at = lowered.find(phrase)
+        if phrase_at == -1:
+            continue
+        for letter in choices:
+            # the offset found in the lowered text indexes the original one, as upstream does
+            position = padded.find(letter, phrase_at + len(phrase))
+            if position != -1:
+                candidates.append((_MCQ_RANK_PHRASE, position, letter))
+    core = padded.strip()
+    for letter in choices:
+        if core.startswith(letter) and (len(core) == 1 or not core[1].isalpha()):
+            candidates.append((_MCQ_RANK_START, 0, letter))
+        if core.endswith(letter) and (len(core) == 1 or not core[-2].isalpha()):
+            candidates.append((_MCQ_RANK_END, len(padded) - 1, letter))
+    if not candidates:
+        candidates = [(0, padded.rfind(letter), letter) for letter in choices if letter in padded]
+    return max(candidates)[2] if candidates else ""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tokenomy.errors import UnknownNameError
 from tokenomy.eval.tasks.base import LoadResult, Task
-from tokenomy.eval.tasks.gqa import GQA
+from tokenomy.eval.tasks.gqa import GQA, GQALmmsEval
 from tokenomy.eval.tasks.mme import MME, MMELmmsEval
 from tokenomy.eval.tasks.multiple_choice import MMBench, MMBenchJudge, ScienceQAImg, SEEDBenchImage
 from tokenomy.eval.tasks.pope import POPE, POPEStrict
@@ -13,7 +13,7 @@ from tokenomy.eval.tasks.vqa import (TextVQA, TextVQANoOCR, TextVQAVQAEval, VizW
                                      VQAv2VQAEval)
 
 _TASKS = {cls.name: cls for cls in (VQAv2, VQAv2VQAEval, TextVQA, TextVQANoOCR, TextVQAVQAEval, VizWiz, VizWizVQAEval,
-                                      GQA, POPE, POPEStrict, MME, MMELmmsEval, ScienceQAImg, MMBench, MMBenchJudge,
+                                      GQA, GQALmmsEval, POPE, POPEStrict, MME, MMELmmsEval, ScienceQAImg, MMBench, MMBenchJudge,
                                       SEEDBenchImage, VideoMME, VQAJsonl, SynthVQA)}
 
 

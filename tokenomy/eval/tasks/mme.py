@@ -3,7 +3,8 @@
 ``mme`` parses answers as the official MME eval_tool/calculation.py (``parse_pred_ans``; LLaVA's
 scripts/v1_5/eval/mme.sh runs it on the stripped decoded text): lowercase, exact yes/no, else yes/no among the
 first 4 characters. ``mme-lmms-eval`` parses as lmms-eval lmms_eval/tasks/mme/utils.py lines 48-69, which also
-deletes every period first and reads a lone "y"/"n". Aggregation (acc, acc+, sums) is the same in both.
+deletes every period first and reads a lone "y"/"n", on the answer after lmms-eval's reasoning-block removal
+(lmms_eval_response.py). Aggregation (acc, acc+, sums) is the same in both.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from tokenomy.eval.data import SampleError, image_ref
 from tokenomy.eval.tasks.base import SHORT_ANSWER, LoadResult, Task, as_str_id
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -117,7 +119,7 @@ class MME(Task):
         return doc["answer"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        parsed = mme_parse_lmms_eval(prediction) if self.lmms_eval_parsing else mme_parse(prediction)
+        parsed = mme_parse_lmms_eval(lmms_eval_response(prediction)) if self.lmms_eval_parsing else mme_parse(prediction)
         return {"score": float(parsed == doc["answer"]), "parsed": parsed, "subtask": doc["subtask"], "image_key": doc["image_key"]}
 
     def aggregate(self, records: list[dict]) -> dict:

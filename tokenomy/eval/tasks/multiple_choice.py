@@ -11,6 +11,7 @@ from pathlib import Path
 from tokenomy.eval.choices import LETTERS, first_letter, format_options, option_letter_static, scienceqa_letter
 from tokenomy.eval.data import ImageRef, decode_base64, image_ref, read_json, read_tsv
 from tokenomy.eval.tasks.base import MULTIPLE_CHOICE, LoadResult, Task, as_str_id, mean_percent
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 
 CIRCULAR_OFFSET = 1_000_000
 
@@ -20,6 +21,10 @@ def _missing(value) -> bool:
 
 
 class ScienceQAImg(Task):
+    """ScienceQA test problems with an image, scored as haotian-liu/LLaVA llava/eval/eval_science_qa.py: the letter
+    rule of lines 65-77 (tokenomy.eval.choices.scienceqa_letter) and IMG-Accuracy, the share of correct answers
+    among the problems with an image (lines 99-105)."""
+
     name = "scienceqa-img"
     reference = "LLaVA llava/eval/eval_science_qa.py (IMG-Accuracy)"
     folder = "scienceqa"
@@ -73,6 +78,9 @@ class MMBench(Task):
     Rotations come from the file when it has them (rows with index >= 1e6, grouped by index % 1e6); otherwise
     they are generated here as LLaVA's `--all-rounds` does. Letters are extracted as VLMEvalKit's exact matching
     does (``can_infer``, no judge; "Z" when nothing matches), and a group passes only when every rotation does.
+    References: open-compass/VLMEvalKit vlmeval/utils/matching_util.py ``can_infer`` (lines 124-127) and
+    vlmeval/dataset/utils/multiple_choice.py ``extract_answer_from_item`` (lines 359-383) and ``mcq_circular_eval``
+    (lines 511-582).
     """
 
     name = "mmbench"
@@ -162,13 +170,17 @@ class MMBench(Task):
 
 class MMBenchJudge(MMBench):
     name = "mmbench-judge"
-    reference = "VLMEvalKit with a GPT judge when can_infer fails (judge not implemented here)"
+    reference = ("VLMEvalKit vlmeval/dataset/utils/multiple_choice.py extract_answer_from_item "
+                 "(GPT judge when can_infer fails; judge not implemented here)")
     description = "MMBench with GPT-assisted answer extraction (needs an LLM judge API; skipped by default)"
     requires_judge = True
 
 
 class SEEDBenchImage(Task):
-    """SEED-Bench v1 image questions scored as lmms-eval's ``seedbench`` task scores ``seed_image``."""
+    """SEED-Bench v1 image questions scored as lmms-eval's ``seedbench`` task scores ``seed_image``:
+    lmms_eval/tasks/seedbench/utils.py ``seed_process_result`` (lines 17-24: first character of the stripped text)
+    and ``seed_aggregation_result`` (lines 27-34: lowercased, stripped comparison; mean), on the answer after
+    lmms-eval's reasoning-block removal (lmms_eval_response.py)."""
 
     name = "seed-bench"
     reference = "lmms-eval lmms_eval/tasks/seedbench/utils.py (first character, case-insensitive)"
@@ -210,7 +222,7 @@ class SEEDBenchImage(Task):
         return doc["answer"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        letter = first_letter(prediction)
+        letter = first_letter(lmms_eval_response(prediction))
         # seed_aggregation_result (utils.py lines 27-34) compares lowercased, stripped pred and answer
         correct = letter.lower().strip() == doc["answer"].lower().strip()
         return {"score": float(correct), "parsed": letter, "question_type": doc["question_type"]}

@@ -5,6 +5,7 @@ No/not/no -> "no", else "yes"; metrics per split, and the mean over the splits t
 ``pope-strict`` follows lmms-eval lmms_eval/tasks/pope/utils.py: the whole lowercased answer must be "yes" or
 "no"; its headline metrics pool the three splits (lmms-eval's ``pope`` task, one test split of all 9,000),
 and each split's metrics are those of ``pope_adv`` / ``pope_pop`` / ``pope_random``. Positive class is "yes".
+Like every lmms-eval task it reads the answer after lmms-eval's reasoning-block removal (lmms_eval_response.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from tokenomy.eval.data import SampleError, image_ref, read_jsonl
 from tokenomy.eval.tasks.base import SHORT_ANSWER, LoadResult, Task, as_str_id
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 
 SPLITS = ("adversarial", "popular", "random")
 
@@ -112,7 +114,7 @@ class POPE(Task):
         return doc["label"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        parsed = pope_parse_strict(prediction) if self.strict else pope_parse_llava(prediction)
+        parsed = pope_parse_strict(lmms_eval_response(prediction)) if self.strict else pope_parse_llava(prediction)
         return {"score": float(parsed == doc["label"]), "parsed": parsed, "label": doc["label"], "split": doc["split"]}
 
     def aggregate(self, records: list[dict]) -> dict:

@@ -1,4 +1,17 @@
-"""Video-MME (without subtitles): multiple choice over uniformly sampled frames; accuracy overall and by duration."""
+"""Video-MME (without subtitles): multiple choice over uniformly sampled frames.
+
+Scored as lmms-eval (EvolvingLMMs-Lab/lmms-eval at 75571cfe) scores its ``videomme`` task:
+lmms_eval/tasks/videomme/utils.py ``videomme_process_results`` (lines 271-301) reads the letter with
+``extract_characters_regex`` (lines 256-259), i.e. lmms_eval/tasks/_task_utils/mcq_extract.py
+``extract_mcq_answer`` with choices A-D (tokenomy.eval.choices.mcq_extract_letter), on the text lmms-eval hands
+every task (reasoning blocks dropped, stripped: tokenomy/eval/tasks/lmms_eval_response.py).
+``videomme_aggregate_results`` (lines 304-371) returns the percentage of exact letter matches over all questions;
+the per-duration, per-domain and per-task-type accuracies it logs are returned here as ``by_duration``,
+``by_domain`` and ``by_task_type``.
+
+The prompt is the Video-MME frames prompt quoted in utils.py lines 188-191 (lmms-eval's ``llava_vid`` post-prompt
+"The best answer is:"); lmms-eval's default prompt instead mentions subtitles and asks for the letter directly.
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -6,8 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from tokenomy.eval.choices import videomme_letter
+from tokenomy.eval.choices import mcq_extract_letter
 from tokenomy.eval.tasks.base import Task, as_str_id, mean_percent
+from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
 from tokenomy.eval.video import load_video
 
 PROMPT_HEAD = ("Select the best answer to the following multiple-choice question based on the video. "
@@ -16,15 +30,16 @@ PROMPT_HEAD = ("Select the best answer to the following multiple-choice question
 
 class VideoMME(Task):
     name = "videomme"
-    reference = "not yet checked: lmms-eval videomme/utils.py now extracts via _task_utils/mcq_extract.py"
+    reference = "lmms-eval lmms_eval/tasks/videomme/utils.py (letter by _task_utils/mcq_extract.py)"
     folder = "videomme"
-    description = "Video-MME w/o subtitles: accuracy overall and by duration (short/medium/long)"
+    description = "Video-MME w/o subtitles: accuracy overall and by duration, domain and task type"
     official_files = "test-*.parquet (or JSON/JSONL) rows + videos data/<videoID>.mp4"
     row_fields = "question_id, videoID, duration, domain, task_type, question, options, answer"
     n_frames = 8
 
     def config(self) -> dict:
-        return {**super().config(), "frames": self.n_frames, "subtitles": False}
+        return {**super().config(), "frames": self.n_frames, "subtitles": False,
+                "letter_extraction": "lmms-eval mcq_extract.py"}
 
     def read_official(self, root: Path):
         return None  # the distribution is generic rows (parquet) plus a video folder
@@ -34,7 +49,9 @@ class VideoMME(Task):
         candidates = [base / sub / f"{video_id}.mp4" for base in base_dirs for sub in ("data", "videos", ".")]
         video = next((c for c in candidates if c.is_file()), candidates[0])
         return {"id": as_str_id(row["question_id"]), "question": row["question"], "options": [str(o) for o in row["options"]],
-                "answer": str(row["answer"]).strip(), "duration": str(row.get("duration", "")), "video": video, "image": None}
+                "answer": str(row["answer"]).strip(), "duration": str(row.get("duration", "")),
+                "domain": str(row.get("domain", "")), "task_type": str(row.get("task_type", "")), "video": video,
+                "image": None}
 
     def validate(self, doc: dict) -> str | None:
         if not doc["video"].is_file():
@@ -54,12 +71,17 @@ class VideoMME(Task):
         return doc["answer"]
 
     def score(self, doc: dict, prediction: str) -> dict:
-        letter = videomme_letter(prediction)
-        return {"score": float(letter == doc["answer"]), "parsed": letter, "duration": doc["duration"]}
+        letter = mcq_extract_letter(lmms_eval_response(prediction), "ABCD")
+        return {"score": float(letter == doc["answer"]), "parsed": letter, "duration": doc["duration"],
+                "domain": doc["domain"], "task_type": doc["task_type"]}
 
     def aggregate(self, records: list[dict]) -> dict:
-        by_duration: dict[str, list[float]] = defaultdict(list)
-        for r in records:
-            by_duration[r["duration"]].append(r["score"])
-        return {"accuracy": mean_percent([r["score"] for r in records]),
-                "by_duration": {d: mean_percent(v) for d, v in sorted(by_duration.items())}}
+        metrics: dict = {"accuracy": mean_percent([r["score"] for r in records])}
+        for field in ("duration", "domain", "task_type"):
+            groups: dict[str, list[float]] = defaultdict(list)
+            for r in records:
+                # records written before domain and task type were kept have none: leave them out of those groups
+                if r.get(field):
+                    groups[r[field]].append(r["score"])
+            metrics[f"by_{field}"] = {name: mean_percent(scores) for name, scores in sorted(groups.items())}
+        return metrics
