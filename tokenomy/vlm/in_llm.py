@@ -20,10 +20,14 @@ import torch
 from tokenomy.errors import InputError
 from tokenomy.ops.attention import apply_rotary
 from tokenomy.reducers.base import (
+    FINAL_NORM,
     LAST_TEXT_ATTENTION,
     LAST_TEXT_VALUE_SIMILARITY,
+    LLM_KEYS,
     LLM_VALUES,
     MEAN_TEXT_ATTENTION,
+    TEXT_FEATURES,
+    TEXT_LLM_KEYS,
     ImageTokens,
 )
 from tokenomy.vlm.sites import Timed, select_checked
@@ -188,9 +192,16 @@ class LLMRun:
                 logits = torch.einsum("hqd,hkd->hqk", query[sample][:, queries], keys[sample]) * scale
                 allowed = key_mask[sample][None, :] & (torch.arange(layout.shape[1], device=layout.device)[None, :] <= queries[:, None])
                 rows[MEAN_TEXT_ATTENTION] = logits.masked_fill(~allowed[None], float("-inf")).softmax(-1).mean(0).mean(0)
+            if TEXT_LLM_KEYS in wanted:
+                text = self._text_after_images(layout[sample], state)
+                rows_text = keys[sample][:, text].transpose(0, 1).reshape(len(text), -1)
             for image in state.images:
                 at = _positions_in(layout[sample], image["slots"])
                 signals = {name: row[at] for name, row in rows.items()}
+                if LLM_KEYS in wanted:
+                    signals[LLM_KEYS] = keys[sample][:, at].transpose(0, 1).reshape(len(at), -1)
+                if TEXT_LLM_KEYS in wanted:
+                    signals[TEXT_LLM_KEYS] = rows_text
                 if LAST_TEXT_VALUE_SIMILARITY in wanted:
                     similarity = torch.einsum("hd,hkd->hk", values[sample, :, -1], values[sample][:, at]) * scale
                     signals[LAST_TEXT_VALUE_SIMILARITY] = similarity.softmax(-1).mean(0)
@@ -199,6 +210,13 @@ class LLMRun:
                 per_image.append(signals)
             out.append(per_image)
         return out
+
+    def _text_after_images(self, layout_row, state) -> torch.Tensor:
+        """Where the sample's prompt tokens after its last image sit in `layout_row` (decoded tokens excluded)."""
+        slots = torch.cat([image["slots"] for image in state.images])
+        after = int(_positions_in(layout_row, slots).max()) + 1
+        tail = layout_row[after:]
+        return after + torch.nonzero((tail >= 0) & (tail < self.prompt_length)).squeeze(1)
 
     # ---- the layer hook -------------------------------------------------------------------------------------------
     def _layer_hook(self, index):
@@ -267,7 +285,10 @@ class LLMRun:
                             selection = self.replay["selections"][key]
                         else:
                             signals = self.signals.get(index - 1, [[{}] * len(state.images)] * len(self.samples))[sample][position]
-                            tokens = ImageTokens(features, image["positions"], {name: signals[name] for name in step.signals}, layer=index)
+                            context = {TEXT_FEATURES: hidden[sample, self._text_after_images(layout[sample], state)],
+                                       FINAL_NORM: self.adapter.language_model.norm}
+                            tokens = ImageTokens(features, image["positions"], {name: signals[name] for name in step.signals},
+                                                 layer=index, context=context)
                             selection = select_checked(step.stage, tokens)
                         self.selections[key] = selection
                         step.record.add(image["index"], index, len(image["slots"]), selection.num_kept)

@@ -1,0 +1,87 @@
+"""PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247): drop visual tokens in stages at several LLM layers.
+
+At each stage layer, keep the visual tokens the last prompt token attends to most (head-averaged softmax row over
+the whole prefix, read at the image's tokens, not renormalised), in original order. Stage s keeps a fraction
+`ratio` of what stage s-1 held: int(n * ratio) of the n tokens it sees.
+
+Layers: the official list (8, 16, 24) belongs to a 32-layer LLM; `layers` are given on an LLM of `reference_depth`
+layers and scaled to the model's depth L as round(l * L / reference_depth), clamped to 1..L-1 and made strictly
+increasing (a 4-layer LLM gets 1, 2, 3; a 24-layer one 6, 12, 18). Pass reference_depth = your LLM's depth to use
+`layers` as they are. In a spec string: `pdrop:layers=2-8-16,reference_depth=32`.
+
+Budget: without `keep`, the official ratio (0.5: 576 -> 288 -> 144 -> 72). With `keep`, the last stage keeps exactly
+`keep` and the earlier ones follow the geometric ratio (keep / n0) ** (1 / stages), so `keep` means what it means for
+the other in-LLM reducers (tokens after the method); the layer-averaged count is larger and is in the stats
+(`visual_tokens_per_layer`).
+
+Differences from the official code, all small: the official scores stage layer l with layer l's own q/k on layer
+l's input; here the signal comes from layer l-1 on its input (as FastV), so no layer runs twice. The official
+truncates int(n0 * ratio ** s) from the original count; here each stage truncates from the count it sees (equal for
+the default ratio). The official renumbers positions after each stage; here kept tokens keep their position ids.
+"""
+from tokenomy.errors import InputError
+from tokenomy.reducers.base import LAST_TEXT_ATTENTION, Reducer, Selection, Site, top_k_sorted
+from tokenomy.reducers.registry import register
+
+
+@register("pdrop")
+class PyramidDrop(Reducer):
+    description = "progressive in-LLM pruning at several layers by the last instruction token's attention"
+    paper = "Xing et al., PyramidDrop, CVPR 2025, arXiv 2410.17247"
+    site = Site.LLM
+    stage_layers: tuple = ()  # the scaled stage layers, set by llm_layers once the model's depth is known
+
+    def __init__(self, keep=None, layers: tuple = (8, 16, 24), ratio: float = 0.5, reference_depth: int = 32):
+        super().__init__(keep=keep)
+        if isinstance(layers, str):  # from a spec string: layers=2-8-16
+            try:
+                layers = tuple(int(part) for part in layers.replace("/", "-").split("-"))
+            except ValueError:
+                raise InputError(f"pdrop layers must be integers separated by '-' (layers=2-8-16), got {layers!r}") from None
+        layers = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        if (not isinstance(layers, (tuple, list)) or not layers
+                or any(isinstance(l, bool) or not isinstance(l, int) or l < 1 for l in layers)
+                or list(layers) != sorted(set(layers))):
+            raise InputError(f"pdrop layers must be increasing integers >= 1, got {layers!r}")
+        if isinstance(reference_depth, bool) or not isinstance(reference_depth, int) or reference_depth <= max(layers):
+            raise InputError(f"pdrop reference_depth must be an integer above every layer in {tuple(layers)}, got {reference_depth!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise InputError(f"pdrop ratio must be in (0, 1], got {ratio!r}")
+        self.layers, self.ratio, self.reference_depth = tuple(layers), float(ratio), reference_depth
+
+    def llm_layers(self, num_layers):
+        if num_layers - 1 < len(self.layers):
+            raise InputError(f"pdrop needs {len(self.layers)} stage layers but this LLM has only {num_layers} layers")
+        scaled = []
+        for layer in self.layers:
+            at = min(max(round(layer * num_layers / self.reference_depth), 1), num_layers - 1)
+            scaled.append(max(at, scaled[-1] + 1) if scaled else at)
+        # the strictly-increasing rule may push the tail past the last layer: pull it back
+        for index in range(len(scaled) - 1, -1, -1):
+            scaled[index] = min(scaled[index], num_layers - len(scaled) + index)
+        # the stage of a step is its layer's rank here; the model's depth is fixed once a pipeline loads
+        self.stage_layers = tuple(scaled)
+        return self.stage_layers
+
+    def llm_request(self, layer):
+        return (LAST_TEXT_ATTENTION,)
+
+    def stage_count(self, tokens: int, stage: int, stages: int) -> int:
+        """Tokens stage `stage` (1-based) of `stages` keeps of the `tokens` it sees."""
+        if self.keep is None:
+            return int(tokens * self.ratio)
+        target = min(self.keep, tokens)
+        if stage == stages:
+            return target
+        # stage s of S keeps n0 * r ** s with r = (keep / n0) ** (1 / S): from the tokens it sees (n0 * r ** (s - 1))
+        # that is a geometric step towards keep over the stages left.
+        step = (target / tokens) ** (1 / (stages - stage + 1))
+        return max(int(tokens * step), target)
+
+    def select(self, image):
+        layers = self.stage_layers
+        if image.layer not in layers:
+            raise InputError(f"pdrop was asked to select before LLM layer {image.layer}, not one of its stage layers {layers}")
+        stage = layers.index(image.layer) + 1
+        count = self.stage_count(image.num_tokens, stage, len(layers))
+        return Selection.from_indices(image, top_k_sorted(image.signals[LAST_TEXT_ATTENTION], count))
