@@ -16,6 +16,7 @@ from tokenomy.reducers.base import (
     INSTRUCTION_EMBEDDINGS,
     LAST_TEXT_ATTENTION,
     LLM_KEYS,
+    STEP_LAYER_LAST_TEXT_ATTENTION,
     TEXT_FEATURES,
     TEXT_LLM_KEYS,
 )
@@ -115,7 +116,8 @@ def pdrop_stages(reducer, scores_per_stage, layers, n):
     alive = np.arange(n)
     counts = []
     for layer, scores in zip(layers, scores_per_stage):
-        tokens = ImageTokens(torch.zeros(len(alive), 4), grid(n)[alive], {LAST_TEXT_ATTENTION: torch.tensor(scores[alive])}, layer=layer)
+        tokens = ImageTokens(torch.zeros(len(alive), 4), grid(n)[alive], {STEP_LAYER_LAST_TEXT_ATTENTION: torch.tensor(scores[alive])},
+                             layer=layer)
         kept = reducer.select(tokens).kept.numpy()
         alive = alive[kept]
         counts.append(len(alive))
@@ -237,14 +239,16 @@ class LLMRecorder(Recorder):
         return (2,)
 
     def llm_request(self, layer):
-        return (LLM_KEYS, TEXT_LLM_KEYS)
+        return (LLM_KEYS, TEXT_LLM_KEYS, LAST_TEXT_ATTENTION, STEP_LAYER_LAST_TEXT_ATTENTION)
 
 
 class PostProjectorRecorder(Recorder):
     name, site = "test-post-projector-recorder", Site.POST_PROJECTOR
 
 
-def test_llm_keys_text_keys_and_text_features_equal_a_plain_forward():
+def test_llm_signals_and_text_features_equal_a_plain_eager_forward():
+    """Before layer 2: keys and the last token's attention row of layer 1 (on its input), the same row of layer 2
+    itself (STEP_LAYER_...), and the hidden states entering layer 2, against transformers' own eager forward."""
     recorder = LLMRecorder()
     pipeline = tokenomy.load("tiny-llava", recorder)
     image, prompt = random_images(1), ["Describe the picture in detail, please."]
@@ -252,7 +256,9 @@ def test_llm_keys_text_keys_and_text_features_equal_a_plain_forward():
     with torch.no_grad():
         with context:
             pipeline.model(**llm_kwargs, use_cache=False)
-        plain = pipeline.model(**llm_kwargs, output_hidden_states=True, use_cache=False)
+        pipeline.model.set_attn_implementation("eager")
+        plain = pipeline.model(**llm_kwargs, output_hidden_states=True, output_attentions=True, use_cache=False)
+        pipeline.model.set_attn_implementation("sdpa")
     seen = recorder.seen[0]
     is_image = info["batch"]["input_ids"][0] == pipeline.model.config.image_token_id
     image_at = torch.nonzero(is_image).squeeze(1)
@@ -271,6 +277,10 @@ def test_llm_keys_text_keys_and_text_features_equal_a_plain_forward():
     torch.testing.assert_close(seen.context[TEXT_FEATURES], plain.hidden_states[2][0, text_at], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(seen.features, plain.hidden_states[2][0, image_at], rtol=1e-4, atol=1e-5)
     assert seen.context[FINAL_NORM] is pipeline.adapter.language_model.norm
+    for layer, name in ((1, LAST_TEXT_ATTENTION), (2, STEP_LAYER_LAST_TEXT_ATTENTION)):
+        row = plain.attentions[layer][0, :, -1].float().mean(0)
+        torch.testing.assert_close(seen.signals[name], row[image_at], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(seen.signals[LAST_TEXT_ATTENTION], seen.signals[STEP_LAYER_LAST_TEXT_ATTENTION])
 
 
 @pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
@@ -289,15 +299,20 @@ def test_post_projector_context_holds_each_samples_instruction_embeddings(family
 @pytest.mark.parametrize("family", TINY + ["composed"])
 @pytest.mark.parametrize("name", ["dart", "pdrop", "cdpruner"])
 def test_plan_checks(name, family, folder):  # noqa: F811
-    pipeline = _load(family, folder, name, keep=KEEP)
+    options = {}
+    if name == "pdrop" and family == "composed":  # a 3-layer LLM has room for two stages (before layers 1 and 2)
+        with pytest.raises(InputError, match="pdrop needs 3 stage layers but this LLM has only 3 layers"):
+            _load(family, folder, name, keep=KEEP)
+        options = dict(layers=(8, 24))
+    pipeline = _load(family, folder, name, keep=KEEP, **options)
     batched = check_plan(pipeline)
     for generation in batched:
         per_layer = generation.stats["visual_tokens_per_layer"]
         assert per_layer[-1] == KEEP
         if name == "cdpruner":
             assert set(per_layer) == {KEEP}  # exactly KEEP visual tokens enter the LLM
-        if name == "pdrop":
-            assert per_layer[0] > per_layer[1] > per_layer[2] > per_layer[3] == KEEP
+        if name == "pdrop":  # one stage before every layer from the first on: strictly fewer tokens each layer
+            assert all(before > after for before, after in zip(per_layer, per_layer[1:]))
 
 
 # ---- the listing ----------------------------------------------------------------------------------------------------

@@ -45,7 +45,11 @@ LLM_VALUES = "llm_values"  # head-averaged value vectors (after repeat_kv), [N, 
 LLM_KEYS = "llm_keys"  # post-rotary keys (after repeat_kv), heads concatenated, [N, heads * head_dim]
 # The same keys of the sample's prompt tokens after its last image, [T, heads * head_dim]; not per visual token.
 TEXT_LLM_KEYS = "text_llm_keys"
-LLM_SIGNALS = (LAST_TEXT_ATTENTION, MEAN_TEXT_ATTENTION, LAST_TEXT_VALUE_SIMILARITY, LLM_VALUES, LLM_KEYS, TEXT_LLM_KEYS)
+# LAST_TEXT_ATTENTION computed instead with the step layer's own input norm and q/k, on the hidden states entering it
+# before the step (PyramidDrop scores a stage with the layer it is about to prune for); [N].
+STEP_LAYER_LAST_TEXT_ATTENTION = "step_layer_last_text_attention"
+LLM_SIGNALS = (LAST_TEXT_ATTENTION, MEAN_TEXT_ATTENTION, LAST_TEXT_VALUE_SIMILARITY, LLM_VALUES, LLM_KEYS, TEXT_LLM_KEYS,
+               STEP_LAYER_LAST_TEXT_ATTENTION)
 
 # ImageTokens.context keys. Post-projector site: the LLM input embeddings of the sample's own prompt text (the
 # user's words, no chat template, no image tokens), [n_text, D]. LLM site: the current hidden states of the sample's

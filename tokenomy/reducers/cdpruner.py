@@ -70,8 +70,9 @@ class CDPruner(Reducer):
         self.negate_relevance = negate_relevance
 
     def select(self, image):
-        relevance = relevance_scores(image.features, image.context.get(INSTRUCTION_EMBEDDINGS), self.negate_relevance)
-        similarity = 1.0 - cosine_distance(image.features)
+        features = image.features.detach()  # a selection, never a gradient path
+        relevance = relevance_scores(features, image.context.get(INSTRUCTION_EMBEDDINGS), self.negate_relevance)
+        similarity = 1.0 - cosine_distance(features)
         kernel = relevance[:, None] * similarity * relevance[None, :]
         kept = dpp_greedy_map(kernel, self.budget(image)).sort().values
         return Selection.from_indices(image, kept)

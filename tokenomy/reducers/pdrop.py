@@ -1,8 +1,10 @@
 """PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247): drop visual tokens in stages at several LLM layers.
 
-At each stage layer, keep the visual tokens the last prompt token attends to most (head-averaged softmax row over
-the whole prefix, read at the image's tokens, not renormalised), in original order. Stage s keeps a fraction
-`ratio` of what stage s-1 held: int(n * ratio) of the n tokens it sees.
+At each stage layer l, keep the visual tokens the last prompt token attends to most, in original order. As in the
+official `pdrop_rank_drop`, the row is layer l's own: its input norm, q/k projections and rotary applied to the
+hidden states entering it, before it runs on the fewer tokens (head-averaged softmax over the whole prefix, read at
+the image's tokens, not renormalised). Stage s keeps a fraction `ratio` of what stage s-1 held: int(n * ratio) of
+the n tokens it sees.
 
 Layers: the official list (8, 16, 24) belongs to a 32-layer LLM; `layers` are given on an LLM of `reference_depth`
 layers and scaled to the model's depth L as round(l * L / reference_depth), clamped to 1..L-1 and made strictly
@@ -14,13 +16,12 @@ Budget: without `keep`, the official ratio (0.5: 576 -> 288 -> 144 -> 72). With 
 the other in-LLM reducers (tokens after the method); the layer-averaged count is larger and is in the stats
 (`visual_tokens_per_layer`).
 
-Differences from the official code, all small: the official scores stage layer l with layer l's own q/k on layer
-l's input; here the signal comes from layer l-1 on its input (as FastV), so no layer runs twice. The official
-truncates int(n0 * ratio ** s) from the original count; here each stage truncates from the count it sees (equal for
-the default ratio). The official renumbers positions after each stage; here kept tokens keep their position ids.
+Differences from the official code, both small: the official truncates int(n0 * ratio ** s) from the original
+count, here each stage truncates from the count it sees (equal for the default ratio on 576 tokens); the official
+renumbers positions after each stage, here kept tokens keep their position ids (P-keep).
 """
 from tokenomy.errors import InputError
-from tokenomy.reducers.base import LAST_TEXT_ATTENTION, Reducer, Selection, Site, top_k_sorted
+from tokenomy.reducers.base import STEP_LAYER_LAST_TEXT_ATTENTION, Reducer, Selection, Site, top_k_sorted
 from tokenomy.reducers.registry import register
 
 
@@ -64,7 +65,7 @@ class PyramidDrop(Reducer):
         return self.stage_layers
 
     def llm_request(self, layer):
-        return (LAST_TEXT_ATTENTION,)
+        return (STEP_LAYER_LAST_TEXT_ATTENTION,)
 
     def stage_count(self, tokens: int, stage: int, stages: int) -> int:
         """Tokens stage `stage` (1-based) of `stages` keeps of the `tokens` it sees."""
@@ -84,4 +85,4 @@ class PyramidDrop(Reducer):
             raise InputError(f"pdrop was asked to select before LLM layer {image.layer}, not one of its stage layers {layers}")
         stage = layers.index(image.layer) + 1
         count = self.stage_count(image.num_tokens, stage, len(layers))
-        return Selection.from_indices(image, top_k_sorted(image.signals[LAST_TEXT_ATTENTION], count))
+        return Selection.from_indices(image, top_k_sorted(image.signals[STEP_LAYER_LAST_TEXT_ATTENTION], count))

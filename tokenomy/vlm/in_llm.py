@@ -26,6 +26,7 @@ from tokenomy.reducers.base import (
     LLM_KEYS,
     LLM_VALUES,
     MEAN_TEXT_ATTENTION,
+    STEP_LAYER_LAST_TEXT_ATTENTION,
     TEXT_FEATURES,
     TEXT_LLM_KEYS,
     ImageTokens,
@@ -108,6 +109,7 @@ class LLMRun:
         self.layer_alive = {}  # layer -> list per sample of original indices it read in prefill
         self.visual_per_layer = None  # per sample: visual tokens each layer read in prefill
         self.signals = {}
+        self.step_signals = {}  # layer -> per sample, per image: signals computed with that layer's own q/k
 
     # ---- installation ---------------------------------------------------------------------------------------------
     def __enter__(self):
@@ -115,7 +117,7 @@ class LLMRun:
         if self.steps:
             for index, layer in enumerate(self.layers):
                 self.handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
-            for layer in sorted({step.layer - 1 for step in self.steps if step.signals}):
+            for layer in sorted({step.layer - 1 for step in self.steps if set(step.signals) - {STEP_LAYER_LAST_TEXT_ATTENTION}}):
                 self.handles.append(self.layers[layer].self_attn.register_forward_pre_hook(self._signal_hook(layer), with_kwargs=True))
         if self.multi_rotary is not None:
             self.handles.append(self.adapter.language_model.rotary_emb.register_forward_hook(self._rotary_hook, with_kwargs=True))
@@ -248,6 +250,8 @@ class LLMRun:
         previous = self.layout
         steps = [(number, step) for number, step in enumerate(self.steps) if step.layer == index]
         if steps:
+            if any(STEP_LAYER_LAST_TEXT_ATTENTION in step.signals for _, step in steps):
+                self._step_layer_signals(index, hidden, previous)
             merged_rows = self._run_steps(index, steps, hidden, previous)
             self.layout = self._layout(device)
             hidden = self._regather(hidden, previous, self.layout, merged_rows)
@@ -270,6 +274,16 @@ class LLMRun:
         extra = self._extra(device)
         return _padded([torch.cat([state.alive, extra]) for state in self.samples], device)
 
+    def _step_layer_signals(self, index, hidden, layout):
+        """STEP_LAYER_LAST_TEXT_ATTENTION: layer `index`'s own norm and q/k on the tokens entering it, before the step."""
+        gather = layout.clamp(min=0)
+        cos, sin = self.full_cos_sin
+        cos, sin = _gather_rows(cos, gather, cos.dim() - 2), _gather_rows(sin, gather, sin.dim() - 2)
+        normed = self.layers[index].input_layernorm(hidden)
+        rows = self._compute_signals(self.layers[index].self_attn, normed, cos, sin, {LAST_TEXT_ATTENTION})
+        self.step_signals[index] = [[{STEP_LAYER_LAST_TEXT_ATTENTION: image[LAST_TEXT_ATTENTION]} for image in sample]
+                                    for sample in rows]
+
     def _run_steps(self, index, steps, hidden, layout) -> dict:
         """Select at this layer; returns {(sample, original index of the kept slot): merged hidden row}."""
         merged_rows = {}
@@ -284,7 +298,9 @@ class LLMRun:
                         if self.replay is not None:
                             selection = self.replay["selections"][key]
                         else:
-                            signals = self.signals.get(index - 1, [[{}] * len(state.images)] * len(self.samples))[sample][position]
+                            signals = dict(self.signals.get(index - 1, [[{}] * len(state.images)] * len(self.samples))[sample][position])
+                            if index in self.step_signals:
+                                signals.update(self.step_signals[index][sample][position])
                             context = {TEXT_FEATURES: hidden[sample, self._text_after_images(layout[sample], state)],
                                        FINAL_NORM: self.adapter.language_model.norm}
                             tokens = ImageTokens(features, image["positions"], {name: signals[name] for name in step.signals},

@@ -226,7 +226,8 @@ class Pipeline:
         contexts = []
         for prompt, images in zip(prompts, per_prompt):
             ids = self.adapter.tokenizer(prompt.replace("<image>", " "), add_special_tokens=False)["input_ids"]
-            embeddings = self.adapter.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
+            with torch.no_grad():
+                embeddings = self.adapter.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
             contexts.extend({INSTRUCTION_EMBEDDINGS: embeddings} for _ in images)
         return contexts
 
