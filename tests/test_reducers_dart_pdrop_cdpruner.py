@@ -333,3 +333,5 @@ def test_reducers_list_prints_every_reducer_with_site_options_and_paper(capsys):
     assert "options: keep=None, layers=(8, 16, 24), ratio=0.5, reference_depth=32" in out
     assert "options: keep=None, layer=2, pivot_image_tokens=4, pivot_text_tokens=4" in out
     assert "site: llm; position policy: keep" in out
+    assert main(["eval", "--model", "tiny-llava", "--data-dir", "."]) == 2  # --tasks is still needed to evaluate
+    assert "--tasks" in capsys.readouterr().err

@@ -194,7 +194,7 @@ class LLMRun:
                 logits = torch.einsum("hqd,hkd->hqk", query[sample][:, queries], keys[sample]) * scale
                 allowed = key_mask[sample][None, :] & (torch.arange(layout.shape[1], device=layout.device)[None, :] <= queries[:, None])
                 rows[MEAN_TEXT_ATTENTION] = logits.masked_fill(~allowed[None], float("-inf")).softmax(-1).mean(0).mean(0)
-            if TEXT_LLM_KEYS in wanted:
+            if TEXT_LLM_KEYS in wanted and state.images:
                 text = self._text_after_images(layout[sample], state)
                 rows_text = keys[sample][:, text].transpose(0, 1).reshape(len(text), -1)
             for image in state.images:
