@@ -7,9 +7,9 @@ the image's tokens, not renormalised). Stage s keeps a fraction `ratio` of what 
 the n tokens it sees.
 
 Layers: the official list (8, 16, 24) belongs to a 32-layer LLM; `layers` are given on an LLM of `reference_depth`
-layers and scaled to the model's depth L as round(l * L / reference_depth), clamped to 1..L-1 and made strictly
-increasing (a 4-layer LLM gets 1, 2, 3; a 24-layer one 6, 12, 18). Pass reference_depth = your LLM's depth to use
-`layers` as they are. In a spec string: `pdrop:layers=2-8-16,reference_depth=32`.
+layers and scaled to the model's depth L as round(l * L / reference_depth), clamped to 1..L-1; stages that land on
+the same layer become one (a 4-layer LLM gets 1, 2, 3; a 6-layer one 2, 3, 4; a 3-layer one 1, 2). Pass
+reference_depth = your LLM's depth to use `layers` as they are. In a spec string: `pdrop:layers=2-8-16`.
 
 Budget: without `keep`, the official ratio (0.5: 576 -> 288 -> 144 -> 72). With `keep`, the last stage keeps exactly
 `keep` and the earlier ones follow the geometric ratio (keep / n0) ** (1 / stages), so `keep` means what it means for
@@ -51,17 +51,11 @@ class PyramidDrop(Reducer):
         self.layers, self.ratio, self.reference_depth = tuple(layers), float(ratio), reference_depth
 
     def llm_layers(self, num_layers):
-        if num_layers - 1 < len(self.layers):
-            raise InputError(f"pdrop needs {len(self.layers)} stage layers but this LLM has only {num_layers} layers")
-        scaled = []
-        for layer in self.layers:
-            at = min(max(round(layer * num_layers / self.reference_depth), 1), num_layers - 1)
-            scaled.append(max(at, scaled[-1] + 1) if scaled else at)
-        # the strictly-increasing rule may push the tail past the last layer: pull it back
-        for index in range(len(scaled) - 1, -1, -1):
-            scaled[index] = min(scaled[index], num_layers - len(scaled) + index)
+        if num_layers < 2:
+            raise InputError(f"pdrop needs an LLM of at least 2 layers (a stage acts before layer 1 or later), got {num_layers}")
+        scaled = {min(max(round(layer * num_layers / self.reference_depth), 1), num_layers - 1) for layer in self.layers}
         # the stage of a step is its layer's rank here; the model's depth is fixed once a pipeline loads
-        self.stage_layers = tuple(scaled)
+        self.stage_layers = tuple(sorted(scaled))
         return self.stage_layers
 
     def llm_request(self, layer):
