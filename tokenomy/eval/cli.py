@@ -46,11 +46,11 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--model_args", "--model-args", default="", help="k=v,... for tokenomy.load: dtype= (bfloat16, float16, float32, auto), device=, position_policy=")
     ev.add_argument("--reducer", "--reducers", default="none",
                     help="comma list of reducers or stacked specs (vtc-cls:keep=128+fastv); every reducer x keep runs, "
-                         "--keep budgeting each spec's last stage")
+                         "--keep budgeting each spec's last stage; 'list' prints every reducer with its site and options")
     ev.add_argument("--reducer_args", "--reducer-args", "--method-args", default="",
                     help="k=v,... for every reducer but none; NAME.k=v for reducer NAME only (e.g. fastv.layer=3)")
     ev.add_argument("--keep", "--keeps", default="", help="comma list of visual-token budgets entering the LLM")
-    ev.add_argument("--tasks", required=True, help="comma list of tasks, or 'list' to print them")
+    ev.add_argument("--tasks", help="comma list of tasks, or 'list' to print them")
     ev.add_argument("--data-dir", "--data_dir", dest="data_dir", help="local folder holding each task's files")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=1)
     ev.add_argument("--limit", default=None, help="first N usable samples per task (or a fraction in (0, 1)); rows that "
@@ -75,9 +75,25 @@ def add_parser(subparsers) -> None:
     rep.set_defaults(func=run_report_command)
 
 
+def print_reducers() -> None:
+    from tokenomy.reducers.registry import describe
+
+    for row in describe():
+        options = ", ".join(f"{key}={value!r}" for key, value in row["options"].items())
+        print(f"{row['name']:10s} {row['description']}")
+        print(f"{'':10s}   site: {row['site']}; position policy: {row['position_policy']}")
+        print(f"{'':10s}   options: {options}")
+        print(f"{'':10s}   paper: {row['paper']}")
+
+
 def run_eval_command(args) -> int:
     from tokenomy.eval import tasks as task_registry
 
+    if (args.reducer or "").strip() == "list":
+        print_reducers()
+        return 0
+    if not args.tasks:
+        raise InputError("tokenomy eval needs --tasks (a comma list, or 'list' to print them)")
     if args.tasks.strip() == "list":
         for name in task_registry.available():
             task = task_registry.get(name)

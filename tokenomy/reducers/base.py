@@ -42,7 +42,21 @@ LAST_TEXT_ATTENTION = "last_text_attention"  # head-averaged softmax row of the 
 MEAN_TEXT_ATTENTION = "mean_text_attention"  # the same row averaged over the prompt tokens after the sample's last image
 LAST_TEXT_VALUE_SIMILARITY = "last_text_value_similarity"  # head-averaged softmax_visual(v_last . v_j / sqrt(d))
 LLM_VALUES = "llm_values"  # head-averaged value vectors (after repeat_kv), [N, head_dim]
-LLM_SIGNALS = (LAST_TEXT_ATTENTION, MEAN_TEXT_ATTENTION, LAST_TEXT_VALUE_SIMILARITY, LLM_VALUES)
+LLM_KEYS = "llm_keys"  # post-rotary keys (after repeat_kv), heads concatenated, [N, heads * head_dim]
+# The same keys of the sample's prompt tokens after its last image, [T, heads * head_dim]; not per visual token.
+TEXT_LLM_KEYS = "text_llm_keys"
+# LAST_TEXT_ATTENTION computed instead with the step layer's own input norm and q/k, on the hidden states entering it
+# before the step (PyramidDrop scores a stage with the layer it is about to prune for); [N].
+STEP_LAYER_LAST_TEXT_ATTENTION = "step_layer_last_text_attention"
+LLM_SIGNALS = (LAST_TEXT_ATTENTION, MEAN_TEXT_ATTENTION, LAST_TEXT_VALUE_SIMILARITY, LLM_VALUES, LLM_KEYS, TEXT_LLM_KEYS,
+               STEP_LAYER_LAST_TEXT_ATTENTION)
+
+# ImageTokens.context keys. Post-projector site: the LLM input embeddings of the sample's own prompt text (the
+# user's words, no chat template, no image tokens), [n_text, D]. LLM site: the current hidden states of the sample's
+# prompt tokens after its last image (rows aligned with TEXT_LLM_KEYS), [T, D], and the LLM's final norm module.
+INSTRUCTION_EMBEDDINGS = "instruction_embeddings"
+TEXT_FEATURES = "text_features"
+FINAL_NORM = "final_norm"
 
 
 @dataclass
@@ -56,7 +70,8 @@ class ImageTokens:
     ([n_layers, N] for rows, [n_layers, N, d] for values) at the vision sites, [N] or [N, d] inside the LLM.
     sources: [N, N0] how much of each original token a current token holds (a merged token has several). layer: the
     encoder layer that just ran (encoder site) or the LLM layer about to run (LLM site). project: at the pre-projector
-    site, the projector as a function of features (for reducers that probe it).
+    site, the projector as a function of features (for reducers that probe it). context: what a site knows beyond
+    the image (the instruction's embeddings after the projector, the text's hidden states in the LLM; keys above).
     """
 
     features: torch.Tensor
@@ -65,6 +80,7 @@ class ImageTokens:
     sources: Optional[torch.Tensor] = None
     layer: Optional[int] = None
     project: Optional[Callable] = None
+    context: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -161,6 +177,8 @@ class Reducer(ABC):
     """
 
     name: str = "?"
+    description: str = ""  # one line, for `tokenomy eval --reducers list`
+    paper: str = ""  # short citation / arXiv id
     site: Site = Site.PRE_PROJECTOR
     position_policy: Optional[PositionPolicy] = None  # a policy this reducer needs (multi for PPE); None: any
     cuts_caches: bool = False

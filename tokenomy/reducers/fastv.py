@@ -11,6 +11,8 @@ from tokenomy.reducers.registry import register
 
 @register("fastv")
 class FastV(Reducer):
+    description = "after LLM layer K, drop the visual tokens the last prompt token attended to least"
+    paper = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2 (FastV), ECCV 2024, arXiv 2403.06764"
     site = Site.LLM
 
     def __init__(self, keep=None, layer: int = 2):

@@ -7,6 +7,8 @@ from tokenomy.reducers.registry import register
 
 @register("random")
 class RandomReduction(Reducer):
+    description = "seeded uniform random pruning, the baseline every reducer must beat"
+    paper = "-"
     def __init__(self, keep=None, seed: int = 0):
         super().__init__(keep=keep)
         self.seed = seed

@@ -51,3 +51,23 @@ def create(name: str, **kwargs):
             options = sorted(p for p in accepted if p != "self")
             raise InputError(f"reducer {name!r} got unknown option(s) {unknown}; it accepts {options}")
     return cls(**kwargs)
+
+
+def describe() -> list:
+    """One dict per registered reducer, by name: site, default position policy, options with their defaults (from
+    the constructor's signature), description and paper; what `tokenomy eval --reducers list` prints."""
+    from tokenomy.reducers.base import Site
+
+    rows = []
+    for name, cls in registered().items():
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        options = {p.name: p.default for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if cls.position_policy is not None:
+            policy = cls.position_policy.value
+        elif cls.site is Site.LLM:
+            policy = "keep (tokens dropped in the LLM leave their position ids)"
+        else:
+            policy = "the family's (contiguous on LLaVA, keep on Qwen)"
+        rows.append(dict(name=name, site=cls.site.value, position_policy=policy, options=options,
+                         description=cls.description, paper=cls.paper))
+    return sorted(rows, key=lambda row: row["name"])

@@ -13,6 +13,8 @@ from tokenomy.vision.base import CLS_ATTENTION, SignalRequest
 
 @register("vtc-cls")
 class VTCCLS(Reducer):
+    description = "keep the patches the [CLS] token attends to most, summed over encoder layers start..feature layer"
+    paper = "Wang et al., [CLS] Token Tells Everything Needed for Training-free Efficient MLLMs (VTC-CLS), arXiv 2412.05819"
     site = Site.PRE_PROJECTOR
 
     def __init__(self, keep=None, start_layer: int = 16):

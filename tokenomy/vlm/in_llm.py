@@ -20,10 +20,15 @@ import torch
 from tokenomy.errors import InputError
 from tokenomy.ops.attention import apply_rotary
 from tokenomy.reducers.base import (
+    FINAL_NORM,
     LAST_TEXT_ATTENTION,
     LAST_TEXT_VALUE_SIMILARITY,
+    LLM_KEYS,
     LLM_VALUES,
     MEAN_TEXT_ATTENTION,
+    STEP_LAYER_LAST_TEXT_ATTENTION,
+    TEXT_FEATURES,
+    TEXT_LLM_KEYS,
     ImageTokens,
 )
 from tokenomy.vlm.sites import Timed, select_checked
@@ -103,6 +108,7 @@ class LLMRun:
         self.selections = {}  # (step index, sample, image) -> Selection
         self.visual_per_layer = None  # per sample: visual tokens each layer read in prefill
         self.signals = {}
+        self.step_signals = {}  # layer -> per sample, per image: signals computed with that layer's own q/k
 
     # ---- installation ---------------------------------------------------------------------------------------------
     def __enter__(self):
@@ -110,7 +116,7 @@ class LLMRun:
         if self.steps:
             for index, layer in enumerate(self.layers):
                 self.handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
-            for layer in sorted({step.layer - 1 for step in self.steps if step.signals}):
+            for layer in sorted({step.layer - 1 for step in self.steps if set(step.signals) - {STEP_LAYER_LAST_TEXT_ATTENTION}}):
                 self.handles.append(self.layers[layer].self_attn.register_forward_pre_hook(self._signal_hook(layer), with_kwargs=True))
         if self.multi_rotary is not None:
             self.handles.append(self.adapter.language_model.rotary_emb.register_forward_hook(self._rotary_hook, with_kwargs=True))
@@ -199,9 +205,16 @@ class LLMRun:
                 logits = torch.einsum("hqd,hkd->hqk", query[sample][:, queries], keys[sample]) * scale
                 allowed = key_mask[sample][None, :] & (torch.arange(layout.shape[1], device=layout.device)[None, :] <= queries[:, None])
                 rows[MEAN_TEXT_ATTENTION] = logits.masked_fill(~allowed[None], float("-inf")).softmax(-1).mean(0).mean(0)
+            if TEXT_LLM_KEYS in wanted and state.images:
+                text = self._text_after_images(layout[sample], state)
+                rows_text = keys[sample][:, text].transpose(0, 1).reshape(len(text), -1)
             for image in state.images:
                 at = _positions_in(layout[sample], image["slots"])
                 signals = {name: row[at] for name, row in rows.items()}
+                if LLM_KEYS in wanted:
+                    signals[LLM_KEYS] = keys[sample][:, at].transpose(0, 1).reshape(len(at), -1)
+                if TEXT_LLM_KEYS in wanted:
+                    signals[TEXT_LLM_KEYS] = rows_text
                 if LAST_TEXT_VALUE_SIMILARITY in wanted:
                     similarity = torch.einsum("hd,hkd->hk", values[sample, :, -1], values[sample][:, at]) * scale
                     signals[LAST_TEXT_VALUE_SIMILARITY] = similarity.softmax(-1).mean(0)
@@ -210,6 +223,13 @@ class LLMRun:
                 per_image.append(signals)
             out.append(per_image)
         return out
+
+    def _text_after_images(self, layout_row, state) -> torch.Tensor:
+        """Where the sample's prompt tokens after its last image sit in `layout_row` (decoded tokens excluded)."""
+        slots = torch.cat([image["slots"] for image in state.images])
+        after = int(_positions_in(layout_row, slots).max()) + 1
+        tail = layout_row[after:]
+        return after + torch.nonzero((tail >= 0) & (tail < self.prompt_length)).squeeze(1)
 
     # ---- the layer hook -------------------------------------------------------------------------------------------
     def _layer_hook(self, index):
@@ -241,6 +261,8 @@ class LLMRun:
         previous = self.layout
         steps = [(number, step) for number, step in enumerate(self.steps) if step.layer == index]
         if steps:
+            if any(STEP_LAYER_LAST_TEXT_ATTENTION in step.signals for _, step in steps):
+                self._step_layer_signals(index, hidden, previous)
             merged_rows = self._run_steps(index, steps, hidden, previous)
             self.layout = self._layout(device)
             hidden = self._regather(hidden, previous, self.layout, merged_rows)
@@ -262,6 +284,16 @@ class LLMRun:
         extra = self._extra(device)
         return _padded([torch.cat([state.alive, extra]) for state in self.samples], device)
 
+    def _step_layer_signals(self, index, hidden, layout):
+        """STEP_LAYER_LAST_TEXT_ATTENTION: layer `index`'s own norm and q/k on the tokens entering it, before the step."""
+        gather = layout.clamp(min=0)
+        cos, sin = self.full_cos_sin
+        cos, sin = _gather_rows(cos, gather, cos.dim() - 2), _gather_rows(sin, gather, sin.dim() - 2)
+        normed = self.layers[index].input_layernorm(hidden)
+        rows = self._compute_signals(self.layers[index].self_attn, normed, cos, sin, {LAST_TEXT_ATTENTION})
+        self.step_signals[index] = [[{STEP_LAYER_LAST_TEXT_ATTENTION: image[LAST_TEXT_ATTENTION]} for image in sample]
+                                    for sample in rows]
+
     def _run_steps(self, index, steps, hidden, layout) -> dict:
         """Select at this layer; returns {(sample, original index of the kept slot): merged hidden row}."""
         merged_rows = {}
@@ -276,8 +308,13 @@ class LLMRun:
                         if self.replay is not None:
                             selection = self.replay["selections"][key]
                         else:
-                            signals = {name: self.signals[index - 1][sample][position][name] for name in step.signals}
-                            tokens = ImageTokens(features, image["positions"], signals, layer=index)
+                            signals = dict(self.signals.get(index - 1, [[{}] * len(state.images)] * len(self.samples))[sample][position])
+                            if index in self.step_signals:
+                                signals.update(self.step_signals[index][sample][position])
+                            context = {TEXT_FEATURES: hidden[sample, self._text_after_images(layout[sample], state)],
+                                       FINAL_NORM: self.adapter.language_model.norm}
+                            tokens = ImageTokens(features, image["positions"], {name: signals[name] for name in step.signals},
+                                                 layer=index, context=context)
                             selection = select_checked(step.stage, tokens)
                         self.selections[key] = selection
                         step.record.add(image["index"], index, len(image["slots"]), selection.num_kept)

@@ -11,7 +11,7 @@ import torch
 
 from tokenomy.errors import InputError, UnknownNameError
 from tokenomy.io import load_image
-from tokenomy.reducers.base import LLM_SIGNALS, ImageTokens, PositionPolicy, Site
+from tokenomy.reducers.base import INSTRUCTION_EMBEDDINGS, LLM_SIGNALS, ImageTokens, PositionPolicy, Site
 from tokenomy.reducers.plan import build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
 from tokenomy.vlm.adapters import ADAPTERS, adapter_for
@@ -201,9 +201,10 @@ class Pipeline:
             requests = [stage.vision_request(num_layers, feature) for stage in self.plan.stages if stage.site is not Site.LLM]
             encoder_stages = self.plan.at(Site.ENCODER)
             encoded = self.adapter.encode_images(batch, union_request(requests), encoder_stages, self._encoder_requests, records)
+            contexts = self._post_projector_contexts(prompts, per_prompt)
             for index, image in enumerate(encoded):
                 tokens = run_vision_stages(self.plan.at(Site.PRE_PROJECTOR), image.tokens, image.signals, num_layers, feature, index, records)
-                tokens = ImageTokens(image.project(tokens.features), tokens.positions, sources=tokens.sources)
+                tokens = ImageTokens(image.project(tokens.features), tokens.positions, sources=tokens.sources, context=contexts[index])
                 tokens = run_vision_stages(self.plan.at(Site.POST_PROJECTOR), tokens, image.signals, num_layers, feature, index, records)
                 final.append(tokens)
         m = self.plan.positions_per_token() if self.position_policy is PositionPolicy.MULTI else 1
@@ -216,6 +217,19 @@ class Pipeline:
         context = self.llm_context(inputs, records if flat_images else None)
         info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=per_prompt, records=records)
         return llm_kwargs, context, info
+
+    def _post_projector_contexts(self, prompts, per_prompt) -> list:
+        """Per image, what the post-projector site knows of its sample's prompt: the LLM input embeddings of the
+        user's own words (chat template and image markers left out, so the instruction is all it holds)."""
+        if not self.plan.at(Site.POST_PROJECTOR):
+            return [{} for images in per_prompt for _ in images]
+        contexts = []
+        for prompt, images in zip(prompts, per_prompt):
+            ids = self.adapter.tokenizer(prompt.replace("<image>", " "), add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                embeddings = self.adapter.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
+            contexts.extend({INSTRUCTION_EMBEDDINGS: embeddings} for _ in images)
+        return contexts
 
     def llm_context(self, inputs, records, replay=None):
         """The LLM-site hooks for one batch (a no-op context when no stage acts in the LLM and positions are single)."""

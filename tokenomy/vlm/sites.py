@@ -68,6 +68,7 @@ def apply_selection(tokens: ImageTokens, selection: Selection) -> ImageTokens:
         sources=selection.apply_sources(tokens.source_matrix()),
         layer=tokens.layer,
         project=tokens.project,
+        context=tokens.context,
     )
 
 
@@ -100,7 +101,7 @@ def run_vision_stages(stages: list, tokens: ImageTokens, signals: VisionSignals,
         record = records[id(stage)]
         with Timed(record, tokens.features.device):
             view = ImageTokens(tokens.features, tokens.positions, signals.for_stage(stage.vision_request(num_layers, feature_layer), num_layers),
-                               tokens.sources, tokens.layer, tokens.project)
+                               tokens.sources, tokens.layer, tokens.project, tokens.context)
             selection = select_checked(stage, view)
             record.add(image, None, tokens.num_tokens, selection.num_kept)
             tokens = apply_selection(tokens, selection)
