@@ -311,6 +311,7 @@ def test_task_reference_names_a_file(name):
 def test_tasks_list_prints_each_convention(capsys):
     class Args:
         tasks = "list"
+        reducer = "none"
 
     assert run_eval_command(Args()) == 0
     printed = capsys.readouterr().out

@@ -118,6 +118,8 @@ def member_cycle(members: torch.Tensor, ppe_k: int) -> torch.Tensor:
 
 @register("ppe")
 class PPE(Reducer):
+    description = "DPC-KNN merging after the projector; a merged token keeps K member positions in K rotary sub-bands"
+    paper = "Huang et al., Positional Preservation Embedding for Multimodal LLMs (PPE), ICLR 2026, arXiv 2510.22936"
     site = Site.POST_PROJECTOR
     position_policy = PositionPolicy.MULTI
 
@@ -195,6 +197,8 @@ class PPE(Reducer):
 
 @register("ppe-cascade")
 class PPECascade(PPE):
+    description = "PPE re-merging inside the LLM at chosen layers (the cascade), positions as the official code keeps them"
+    paper = PPE.paper
     site = Site.LLM
 
     def __init__(self, keep=None, ratio: float = 0.45, ppe_k: int = 8, knn: int = 5, layers=None,
