@@ -1,0 +1,274 @@
+"""SEATS (reducers.md §5): stage-adaptive selection of audio and video tokens for omni-modal LLMs, as pure tensor code.
+
+- Stage I, before the LLM: per temporal window of one modality, greedy max-min diversity on the LLM-input embeddings
+  weighted by the attention each token received inside its window in the encoder's last layer (`window_attention_received`,
+  `window_diversity_keep`).
+- Stage II, at scheduled LLM layers: the last text token's attention row ranks the tokens; budgets go to windows by
+  softmax(tau) over window means, then split between video and audio (`inner_llm_keep`).
+- Stage III, before the late block: every audio and video token goes (`text_only_keep`).
+- The block-wise retention scheduler (`retention_schedule`) picks Stage II's keep ratios so that the layer-averaged
+  retention of each modality equals its target.
+
+Budgets count tokens as layer-averaged retention (a token kept for half the layers counts half), not tokens entering
+the LLM; see `RetentionSchedule.layer_retention`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokenomy.errors import InputError
+from tokenomy.ops.diversity import cosine_distance, max_min_diversity
+
+ENCODER_RATIO_SCALE = 1.4  # lambda: Stage I keeps lambda * target (config.yaml encoder_ratio_scale)
+WINDOW_TEMPERATURE = 0.1  # tau of the inter-window softmax (inner_llm_units.py `temp`)
+
+
+# ---- the scheduler (§5.5) ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetentionSchedule:
+    """Retention of one modality through the LLM.
+
+    encoder_ratio: fraction kept by Stage I (what enters the LLM). drop_layers: the layers before which Stage II acts.
+    keep_ratios: per Stage II step, the fraction of the tokens alive before it that it keeps. late_layer: the layer
+    before which Stage III removes everything (None: never). layer_retention: per LLM layer, the fraction of the
+    modality's original tokens it reads; its mean is the layer-averaged retention.
+    """
+
+    encoder_ratio: float
+    drop_layers: tuple
+    keep_ratios: tuple
+    late_layer: int | None
+    layer_retention: tuple
+
+    @property
+    def average(self) -> float:
+        return sum(self.layer_retention) / len(self.layer_retention)
+
+
+def retention_schedule(target: float, num_layers: int, drop_layers, late_block_layer: int | None,
+                       encoder_scale: float = ENCODER_RATIO_SCALE) -> RetentionSchedule:
+    """Block-wise TRR decay: Stage I keeps min(1, encoder_scale * target); Stage II steps remove amounts weighted
+    1, e, e^2, ... (more in deeper steps) of one total, chosen so that the mean over all `num_layers` layers of the
+    retained fraction equals `target`.
+
+    `drop_layers` and `late_block_layer` are the 1-based numbers of the official configuration ("16-18-20", 24): a
+    drop layer d acts after 1-based layer d, i.e. before 0-based layer d; Stage III acts before 0-based layer
+    late_block_layer - 1. The official code finds the total by bisection; retention is linear in it, so it is solved
+    exactly here, and ratios are not rounded to 4 decimals, so the average is the target to float precision.
+    When even no Stage II drop cannot reach the target (Stage III removes everything from the late layer on), nothing
+    is dropped and `average` says what was reached.
+    """
+    if not 0 < target <= 1:
+        raise InputError(f"seats target retention must be in (0, 1], got {target!r}")
+    if num_layers < 2:
+        raise InputError(f"seats needs an LLM of at least 2 layers, got {num_layers}")
+    late = num_layers if late_block_layer is None else min(late_block_layer - 1, num_layers)
+    if late_block_layer is not None and not 1 <= late:
+        raise InputError(f"seats late_block_layer must be in 2..{num_layers + 1}, got {late_block_layer}")
+    drops = sorted({int(d) for d in drop_layers})
+    if drops and not (1 <= drops[0] and drops[-1] < num_layers):
+        raise InputError(f"seats drop layers must be in 1..{num_layers - 1}, got {drops}")
+    drops = [d for d in drops if d < late]  # a step at or after the late layer has nothing left to drop
+    encoder_ratio = min(1.0, encoder_scale * target)
+    bounds = [0, *drops, late]
+    segments = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+    weights = [math.exp(i) for i in range(len(drops))]
+    cumulative = [sum(weights[: i + 1]) / sum(weights) for i in range(len(drops))]
+    # sum_layers retention = enc * (sum(segments) - f * sum_i segments[i+1] * cumulative[i]); solve for f in [0, 1].
+    full = encoder_ratio * sum(segments)
+    slope = encoder_ratio * sum(seg * share for seg, share in zip(segments[1:], cumulative))
+    fraction = 0.0 if slope == 0 else min(1.0, max(0.0, (full - target * num_layers) / slope))
+    levels = [encoder_ratio] + [encoder_ratio * (1 - fraction * share) for share in cumulative]
+    keep_ratios = tuple(after / before if before > 0 else 0.0 for before, after in zip(levels, levels[1:]))
+    per_layer = []
+    for level, length in zip(levels, segments):
+        per_layer += [level] * length
+    per_layer += [0.0] * (num_layers - late)
+    return RetentionSchedule(encoder_ratio, tuple(drops), keep_ratios, None if late_block_layer is None else late,
+                             tuple(per_layer))
+
+
+# ---- Stage I (§5.2) -----------------------------------------------------------------------------------------------
+
+def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) windows of `window` tokens; the last one may be shorter."""
+    return [(start, min(start + window, length)) for start in range(0, length, window)]
+
+
+def window_attention_received(query: torch.Tensor, keys: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """Attention each token receives inside its window: a_j = sum_i mean_h softmax(q_i k^T * scale)_j over the window.
+
+    query, keys: [H, N, d] (the encoder's last layer, rotary applied). Returns [N] in fp32. Memory is one window's
+    [H, w, w] map at a time, never the whole sequence's.
+    """
+    received = torch.zeros(query.shape[1], dtype=torch.float32, device=query.device)
+    for start, end in window_bounds(query.shape[1], window):
+        logits = torch.einsum("hqd,hkd->hqk", query[:, start:end].float(), keys[:, start:end].float()) * scale
+        received[start:end] = logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+    return received
+
+
+def window_keep_count(size: int, ratio: float) -> int:
+    return max(1, min(size, round(ratio * size)))
+
+
+def window_diversity_keep(features: torch.Tensor, weights: torch.Tensor | None, window: int, ratio: float) -> torch.Tensor:
+    """Stage I for one modality: in each window keep clamp(round(ratio * |W|), 1, |W|) tokens by weighted max-min
+    diversity (weights on the candidate side). features [N, D], weights [N] or None. Returns kept indices, ascending.
+    Equal windows are batched (same size and count), so the cost is one [n, w, w] distance tensor per group."""
+    if features.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=features.device)
+    groups: dict = {}
+    kept = []
+    for start, end in window_bounds(features.shape[0], window):
+        count = window_keep_count(end - start, ratio)
+        if count >= end - start:
+            kept.append(torch.arange(start, end, device=features.device))
+        else:
+            groups.setdefault((end - start, count), []).append(start)
+    for (size, count), starts in groups.items():
+        spans = torch.stack([torch.arange(s, s + size, device=features.device) for s in starts])
+        distance = cosine_distance(features[spans])
+        chosen = max_min_diversity(distance, count, None if weights is None else weights[spans].float())
+        kept.extend(spans.gather(1, chosen).unbind(0))
+    return torch.cat(kept).sort().values
+
+
+# ---- Stage II (§5.3) and III (§5.4) ---------------------------------------------------------------------------------
+
+def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of True in a 1-D mask, as [start, end) into the list of True positions (not the sequence)."""
+    where = torch.nonzero(mask).squeeze(1)
+    if where.numel() == 0:
+        return []
+    breaks = (torch.nonzero(where[1:] - where[:-1] > 1).squeeze(1) + 1).tolist()
+    starts, ends = [0, *breaks], [*breaks, where.numel()]
+    return list(zip(starts, ends))
+
+
+def temporal_windows(video_mask: torch.Tensor, audio_mask: torch.Tensor) -> list[tuple]:
+    """Window w = the w-th contiguous video run with the w-th contiguous audio run (interleaved chunks); runs without a
+    partner are windows of their own. Each entry: (video run or None, audio run or None)."""
+    video_runs, audio_runs = runs(video_mask), runs(audio_mask)
+    paired = min(len(video_runs), len(audio_runs))
+    windows = [(video_runs[i], audio_runs[i]) for i in range(paired)]
+    windows += [(run, None) for run in video_runs[paired:]]
+    windows += [(None, run) for run in audio_runs[paired:]]
+    return windows
+
+
+def window_budgets(video_means, audio_means, video_sizes, audio_sizes, video_total: int, audio_total: int,
+                   temperature: float = WINDOW_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window video and audio budgets ([W] each) from per-window mean relevances (§5.3 steps 4-5).
+
+    Windows get (softmax_w(video means / tau) + softmax_w(audio means / tau)) / 2 of the combined budget, rounded,
+    at least 1 and at most their size, then nudged by single tokens until the sum is exact; each window splits its
+    budget between video and audio by their shares of the per-modality budgets, fills up to capacity video first,
+    and every modality present in a window keeps at least one token (the order of these fixes is the official one).
+    """
+    video_sizes, audio_sizes = video_sizes.long(), audio_sizes.long()
+    capacity = video_sizes + audio_sizes
+    video_weight = (video_means.float() / max(temperature, 1e-4)).softmax(dim=0)
+    audio_weight = (audio_means.float() / max(temperature, 1e-4)).softmax(dim=0)
+    combined = video_total + audio_total
+    budget = ((video_weight + audio_weight) / 2 * combined).round().long().clamp(min=1)
+    budget = torch.minimum(budget, capacity)
+    excess = int(budget.sum()) - combined
+    while excess != 0:
+        if excess > 0:
+            room = budget > 1
+            if not bool(room.any()):
+                break
+            budget[budget.masked_fill(~room, -1).argmax()] -= 1
+        else:
+            room = budget < capacity
+            if not bool(room.any()):
+                break
+            budget[budget.masked_fill(~room, int(capacity.max()) + 1).argmin()] += 1
+        excess = int(budget.sum()) - combined
+    video_share = video_weight * video_total
+    audio_share = audio_weight * audio_total
+    video_fraction = video_share / (video_share + audio_share + 1e-12)
+    video = torch.minimum((budget.float() * video_fraction).round().long().clamp(min=0), video_sizes)
+    audio = torch.minimum((budget - video).clamp(min=0), audio_sizes)
+    left = budget - video - audio
+    extra = torch.minimum(left.clamp(min=0), (video_sizes - video).clamp(min=0))
+    video, left = video + extra, left - extra
+    audio = audio + torch.minimum(left.clamp(min=0), (audio_sizes - audio).clamp(min=0))
+    starved = (video_sizes > 0) & (video < 1)
+    video = torch.where(starved, torch.ones_like(video), video)
+    refit = torch.minimum(audio_sizes, (budget - video).clamp(min=0)).clamp(min=1)
+    audio = torch.where(starved & (audio > 1), refit, audio)
+    starved = (audio_sizes > 0) & (audio < 1)
+    audio = torch.where(starved, torch.ones_like(audio), audio)
+    refit = torch.minimum(video_sizes, (budget - audio).clamp(min=0)).clamp(min=1)
+    video = torch.where(starved & (video > 1), refit, video)
+    return video, audio
+
+
+def _top_in_groups(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Mask of the budgets[g] highest scores inside each group g (ties to the lower index; NaN ranks last)."""
+    order = torch.sort(scores.float().nan_to_num(nan=float("-inf")), descending=True, stable=True).indices
+    sorted_groups = groups[order]
+    one_hot = torch.nn.functional.one_hot(sorted_groups, num_classes=budgets.numel())
+    rank = one_hot.cumsum(dim=0).gather(1, sorted_groups[:, None]).squeeze(1) - 1
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep[order[rank < budgets[sorted_groups]]] = True
+    return keep
+
+
+def inner_llm_keep(relevance: torch.Tensor, video_mask: torch.Tensor, audio_mask: torch.Tensor,
+                   video_keep_ratio: float, audio_keep_ratio: float,
+                   temperature: float = WINDOW_TEMPERATURE) -> torch.Tensor:
+    """Stage II for one sample: a keep mask over its current sequence ([L] bool; every non-audio/video token kept).
+
+    relevance [L]: the last text token's head-averaged attention row; video_mask / audio_mask [L] bool. Each modality
+    keeps max(1, round(ratio * n)) tokens; with several windows and both modalities they are spread over windows by
+    `window_budgets` and each window keeps its top tokens, otherwise each modality keeps its global top tokens.
+    """
+    keep = torch.ones_like(video_mask, dtype=torch.bool)
+    n_video, n_audio = int(video_mask.sum()), int(audio_mask.sum())
+    video_total = max(1, round(video_keep_ratio * n_video)) if n_video else 0
+    audio_total = max(1, round(audio_keep_ratio * n_audio)) if n_audio else 0
+    windows = temporal_windows(video_mask, audio_mask)
+    video_scores, audio_scores = relevance[video_mask].float(), relevance[audio_mask].float()
+    device = relevance.device
+    if len(windows) > 1 and n_video and n_audio:
+        video_window = torch.zeros(n_video, dtype=torch.long, device=device)
+        audio_window = torch.zeros(n_audio, dtype=torch.long, device=device)
+        video_sizes = torch.zeros(len(windows), dtype=torch.long, device=device)
+        audio_sizes = torch.zeros(len(windows), dtype=torch.long, device=device)
+        for index, (video_run, audio_run) in enumerate(windows):
+            if video_run is not None:
+                video_window[video_run[0]:video_run[1]] = index
+                video_sizes[index] = video_run[1] - video_run[0]
+            if audio_run is not None:
+                audio_window[audio_run[0]:audio_run[1]] = index
+                audio_sizes[index] = audio_run[1] - audio_run[0]
+
+        def window_means(scores, window_of, sizes):
+            sums = torch.zeros(len(windows), dtype=torch.float32, device=device).scatter_add_(0, window_of, scores)
+            return sums / sizes.float().clamp(min=1)
+
+        video_budget, audio_budget = window_budgets(
+            window_means(video_scores.nan_to_num(0.0), video_window, video_sizes),
+            window_means(audio_scores.nan_to_num(0.0), audio_window, audio_sizes),
+            video_sizes, audio_sizes, video_total, audio_total, temperature)
+        video_keep = _top_in_groups(video_scores, video_window, video_budget)
+        audio_keep = _top_in_groups(audio_scores, audio_window, audio_budget)
+    else:
+        single = torch.zeros(1, dtype=torch.long, device=device)
+        video_keep = _top_in_groups(video_scores, single.expand(n_video), torch.tensor([video_total], device=device))
+        audio_keep = _top_in_groups(audio_scores, single.expand(n_audio), torch.tensor([audio_total], device=device))
+    keep[video_mask] = video_keep
+    keep[audio_mask] = audio_keep
+    return keep
+
+
+def text_only_keep(video_mask: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
+    """Stage III: keep every token that is neither audio nor video."""
+    return ~(video_mask | audio_mask)
