@@ -209,6 +209,23 @@ def load_video(path, n_frames: Optional[int] = None, fps: Optional[float] = None
     raise InputError(f"cannot decode video {path}: " + "; ".join(failures))
 
 
+def video_frames(video, name: str | None = None) -> np.ndarray:
+    """uint8 [T, H, W, 3] RGB frames of a video given as a file path (DEFAULT_FRAMES frames, `load_video`) or as such
+    an array (a torch tensor is converted)."""
+    if isinstance(video, (str, os.PathLike)):
+        return load_video(video)[0]
+    if hasattr(video, "numpy") and hasattr(video, "detach"):
+        video = video.detach().cpu().numpy()
+    label = name or "video"
+    if not isinstance(video, np.ndarray):
+        raise InputError(f"a {label} must be a file path or a uint8 [T, H, W, 3] frame array, got {type(video).__name__}")
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise InputError(f"{label} frames must be uint8 [T, H, W, 3] RGB, got {video.dtype} {list(video.shape)}")
+    if video.shape[0] == 0:
+        raise InputError(f"{label} has no frames")
+    return video
+
+
 def _backend_order(backend: str) -> list[str]:
     if backend == "auto":
         # decord ships wheels for Linux x86_64 only; elsewhere an import could find a broken build.

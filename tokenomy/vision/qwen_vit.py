@@ -63,6 +63,7 @@ class QwenViTEncoder(VisionEncoder):
         hidden = visual.patch_embed(pixel_values.type(visual.dtype))
         length = hidden.shape[0]
         units = torch.arange(length // unit, device=hidden.device)  # merged-raster unit held at each unit slot
+        units_per_frame = int(grid_thw[0, 1] * grid_thw[0, 2]) // unit  # frames are contiguous in raster and window order
         window_of_unit = torch.zeros_like(units)
         position_embeddings = visual.rotary_pos_emb(hidden, position_ids)
         if self.windowed:
@@ -87,7 +88,7 @@ class QwenViTEncoder(VisionEncoder):
             for name, value in layer_signals.items():
                 signals[name][index] = (value, units)
             full = not self.windowed or index in visual.fullatt_block_indexes
-            seqlens = self._seqlens(full, window_of_unit, hidden)
+            seqlens = self._seqlens(units // units_per_frame if full else window_of_unit, hidden)
             hidden = block(hidden, cu_seqlens=seqlens, max_seqlen=int(seqlens.diff().max()), position_embeddings=position_embeddings)
             for hook in hooks:
                 state = hook(EncoderState(index, hidden.reshape(1, -1, unit * hidden.shape[-1]), units[None], layer_signals))
@@ -112,12 +113,11 @@ class QwenViTEncoder(VisionEncoder):
         }
         return VisionOutput(tokens=unit_features[raster][None], cls=None, grid=grid[final], patch_index=final[None], signals=out_signals)
 
-    def _seqlens(self, full: bool, window_of_unit: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """cu_seqlens of the current patches: one sequence for a full-attention block, else one per non-empty window."""
+    def _seqlens(self, group_of_unit: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """cu_seqlens of the current patches: one sequence per run of units of one group, the frame for a
+        full-attention block (a video's frames attend apart, as transformers' cu_seqlens say), else the window."""
         unit = self.merge ** 2
-        if full:
-            return torch.tensor([0, hidden.shape[0]], dtype=torch.int32, device=hidden.device)
-        counts = torch.unique_consecutive(window_of_unit, return_counts=True)[1] * unit
+        counts = torch.unique_consecutive(group_of_unit, return_counts=True)[1] * unit
         return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
     def _per_llm_token(self, value):

@@ -6,6 +6,7 @@ reduced image out as the LLM reads it, and tells where the LLM, its decoder laye
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -41,6 +42,7 @@ class EncodedImage:
     layout: Callable
     num_tokens_in: int  # reducible tokens of the unreduced image
     index_of: Callable  # positions [..., 3] -> index among the unreduced image's reducible tokens (stats)
+    token_ids: tuple = ()  # placeholder ids its span is made of (a video's, or audio and video interleaved); () = image
 
 
 def _in_order(features, offsets):
@@ -89,17 +91,19 @@ class Adapter(ABC):
         return self.model.get_input_embeddings()(input_ids)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def chat_text(self, prompt: str, num_images: int) -> str:
-        """The model's chat template around the user's prompt; '<image>' marks where each image goes."""
-        pieces = prompt.split("<image>")
+    supports_video = False
+
+    def chat_text(self, prompt: str, num_images: int, num_videos: int = 0) -> str:
+        """The model's chat template around the user's prompt; '<image>' and '<video>' mark where each image and
+        video goes (without markers: the images, then the videos, then the text)."""
         content = []
-        if len(pieces) == 1:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        if "<image>" not in prompt and "<video>" not in prompt:
+            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
         else:
-            for index, piece in enumerate(pieces):
-                if index:
-                    content.append({"type": "image"})
-                if piece:
+            for piece in re.split(r"(<image>|<video>)", prompt):
+                if piece in ("<image>", "<video>"):
+                    content.append({"type": piece[1:-1]})
+                elif piece:
                     content.append({"type": "text", "text": piece})
         messages = [{"role": "user", "content": content}]
         if getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None):
@@ -107,10 +111,16 @@ class Adapter(ABC):
         image = getattr(self.processor, "image_token", "<image>")
         return "".join(image + "\n" if item["type"] == "image" else item["text"] for item in content)
 
-    def process(self, texts: list, images: list):
+    def process(self, texts: list, images: list, videos: list = ()):
+        """Processor inputs; videos are uint8 [T, H, W, 3] frame arrays."""
+        if videos and not self.supports_video:
+            raise InputError(f"{self.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni model, or "
+                             "pass a video's frames as images")
         kwargs = dict(text=texts, return_tensors="pt", padding=True)
         if images:
             kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = list(videos)
         self.tokenizer.padding_side = "left"
         return self.processor(**kwargs)
 
@@ -312,6 +322,7 @@ class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     default_policy = PositionPolicy.KEEP
     supported_policies = (PositionPolicy.KEEP, PositionPolicy.MULTI)
+    supports_video = True
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
@@ -328,29 +339,53 @@ class QwenVLAdapter(Adapter):
         return merger(units.reshape(-1, width))
 
     def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
-        grid_thw = batch["image_grid_thw"]
-        counts = grid_thw.prod(-1).tolist()
-        encoded, start = [], 0
-        for image, count in enumerate(counts):
-            t, h, w = grid_thw[image].tolist()
-            merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
-            hooks = ()
-            if encoder_stages:
-                hooks = (EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
-                                         False, image, records),)
-            out = self.vision.encode_image(batch["pixel_values"][start : start + count], grid_thw[image : image + 1], request, hooks)
-            start += count
-            tokens = ImageTokens(out.tokens[0], out.grid, project=self._project)
-            units = int(count) // self.vision.merge ** 2
-            offsets = _raster_offsets(merged_grid)
-            encoded.append(EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order,
-                                        units, offsets))
+        """Images and videos (a video is one item: its (t, h, w) grid of merged tokens), in the order they appear in
+        the batch's sequences, which is the order assembly fills placeholder spans in."""
+        pieces = {}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+            grid_thw = batch.get(grid_key)
+            pieces[kind] = [] if grid_thw is None else self._encode_grids(batch[pixels_key], grid_thw)
+        order = _sequence_order(batch["input_ids"], {"image": self.image_token_id, "video": self.video_token_id},
+                                {kind: [item[0] for item in items] for kind, items in pieces.items()})
+        encoded = []
+        for kind, number in order:
+            pixels, grid_thw = pieces[kind][number][1:]
+            encoded.append(self._encode_one(pixels, grid_thw, request, encoder_stages, requests, records, len(encoded),
+                                            () if kind == "image" else (self.video_token_id,)))
         return encoded
 
+    def _encode_grids(self, pixel_values, grid_thw):
+        """Per item: (placeholders, its patch rows, grid_thw [1, 3])."""
+        items, start = [], 0
+        for row in range(len(grid_thw)):
+            count = int(grid_thw[row].prod())
+            items.append((count // self.vision.merge ** 2, pixel_values[start : start + count], grid_thw[row : row + 1]))
+            start += count
+        return items
+
+    def _encode_one(self, pixels, grid_thw, request, encoder_stages, requests, records, item, token_ids):
+        t, h, w = grid_thw[0].tolist()
+        merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
+        hooks = ()
+        if encoder_stages:
+            hooks = (EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
+                                     False, item, records),)
+        out = self.vision.encode_image(pixels, grid_thw, request, hooks)
+        tokens = ImageTokens(out.tokens[0], out.grid, project=self._project)
+        units = t * merged_grid[1] * merged_grid[2]
+        offsets = _raster_offsets(merged_grid)
+        return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,
+                            token_ids)
+
+    @property
+    def video_token_id(self):
+        return int(self.model.config.video_token_id)
+
     def reference_positions(self, batch):
+        extra = {"second_per_grid_ts": batch["second_per_grid_ts"]} if "second_per_grid_ts" in batch else {}
         positions, _ = self.model.model.get_rope_index(
             batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-            attention_mask=batch["attention_mask"],
+            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"], **extra,
         )
         return positions
 
@@ -358,6 +393,30 @@ class QwenVLAdapter(Adapter):
         # Row 0 is the plain text position transformers uses to build the mask; rows 1..3 are the M-RoPE ids.
         text_row = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return torch.cat([text_row[None], positions], dim=0)
+
+
+def _sequence_order(input_ids, token_ids: dict, sizes: dict) -> list:
+    """(kind, number within its kind) of every item, in the order their placeholder runs appear in the batch: a run of
+    one kind's token is that kind's next items, `sizes[kind][number]` placeholders each."""
+    cursor = {kind: 0 for kind in token_ids}
+    order = []
+    for row in input_ids:
+        ids = row.tolist()
+        position = 0
+        while position < len(ids):
+            kind = next((k for k, token in token_ids.items() if ids[position] == token), None)
+            if kind is None:
+                position += 1
+                continue
+            if cursor[kind] >= len(sizes[kind]):
+                raise InputError(f"the prompts hold more {kind} placeholders than the {len(sizes[kind])} {kind}(s) given fill")
+            order.append((kind, cursor[kind]))
+            position += sizes[kind][cursor[kind]]
+            cursor[kind] += 1
+    for kind, count in cursor.items():
+        if count != len(sizes[kind]):
+            raise InputError(f"the prompts hold placeholders for {count} {kind}(s) but {len(sizes[kind])} were given")
+    return order
 
 
 class ComposedAdapter(LlavaAdapter):
