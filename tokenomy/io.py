@@ -209,6 +209,28 @@ def load_video(path, n_frames: Optional[int] = None, fps: Optional[float] = None
     raise InputError(f"cannot decode video {path}: " + "; ".join(failures))
 
 
+def video_clip(video, with_audio: bool = False) -> tuple[np.ndarray, Optional[np.ndarray], str]:
+    """(frames, audio or None, what was read of the audio) of a video given as a file path (DEFAULT_FRAMES frames;
+    its audio track when `with_audio`), a uint8 [T, H, W, 3] frame array, or {"frames": array, "audio": 16 kHz mono}."""
+    if isinstance(video, (str, os.PathLike)):
+        if not with_audio:
+            return load_video(video)[0], None, "not read: the model has no audio input"
+        frames, _, audio, meta = load_video_and_audio(video)
+        return frames, audio, meta["audio"]
+    if isinstance(video, dict):
+        unknown = set(video) - {"frames", "audio"}
+        if unknown or "frames" not in video:
+            raise InputError(f"a video given as a dict needs 'frames' (and optionally 'audio'), got keys {sorted(video)}")
+        audio = video.get("audio")
+        if audio is not None:
+            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+            if audio.size == 0:
+                raise InputError("the audio given with a video is empty (0 samples)")
+        note = f"{audio.size} samples, {AUDIO_SAMPLE_RATE} Hz mono (given)" if audio is not None else "none: not given"
+        return video_frames(video["frames"]), audio, note
+    return video_frames(video), None, "none: frames given without audio"
+
+
 def video_frames(video, name: str | None = None) -> np.ndarray:
     """uint8 [T, H, W, 3] RGB frames of a video given as a file path (DEFAULT_FRAMES frames, `load_video`) or as such
     an array (a torch tensor is converted)."""

@@ -92,6 +92,7 @@ class Adapter(ABC):
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     supports_video = False
+    reads_audio = False  # whether a video's audio track is an input
 
     def chat_text(self, prompt: str, num_images: int, num_videos: int = 0) -> str:
         """The model's chat template around the user's prompt; '<image>' and '<video>' mark where each image and
@@ -112,7 +113,7 @@ class Adapter(ABC):
         return "".join(image + "\n" if item["type"] == "image" else item["text"] for item in content)
 
     def process(self, texts: list, images: list, videos: list = ()):
-        """Processor inputs; videos are uint8 [T, H, W, 3] frame arrays."""
+        """Processor inputs; videos are (frames uint8 [T, H, W, 3], audio or None, note) as tokenomy.io.video_clip gives."""
         if videos and not self.supports_video:
             raise InputError(f"{self.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni model, or "
                              "pass a video's frames as images")
@@ -120,7 +121,7 @@ class Adapter(ABC):
         if images:
             kwargs["images"] = images
         if videos:
-            kwargs["videos"] = list(videos)
+            kwargs["videos"] = [frames for frames, _, _ in videos]
         self.tokenizer.padding_side = "left"
         return self.processor(**kwargs)
 
@@ -395,10 +396,12 @@ class QwenVLAdapter(Adapter):
         return torch.cat([text_row[None], positions], dim=0)
 
 
-def _sequence_order(input_ids, token_ids: dict, sizes: dict) -> list:
+def _sequence_order(input_ids, token_ids: dict, sizes: dict, also: dict | None = None) -> list:
     """(kind, number within its kind) of every item, in the order their placeholder runs appear in the batch: a run of
-    one kind's token is that kind's next items, `sizes[kind][number]` placeholders each."""
+    one kind's token is that kind's next items, `sizes[kind][number]` placeholders each (counting the `also[kind]`
+    tokens interleaved with them: a video's audio)."""
     cursor = {kind: 0 for kind in token_ids}
+    also = also or {}
     order = []
     for row in input_ids:
         ids = row.tolist()
@@ -411,12 +414,125 @@ def _sequence_order(input_ids, token_ids: dict, sizes: dict) -> list:
             if cursor[kind] >= len(sizes[kind]):
                 raise InputError(f"the prompts hold more {kind} placeholders than the {len(sizes[kind])} {kind}(s) given fill")
             order.append((kind, cursor[kind]))
-            position += sizes[kind][cursor[kind]]
+            members, remaining = {token_ids[kind], also.get(kind)}, sizes[kind][cursor[kind]]
+            while remaining and position < len(ids):
+                remaining -= ids[position] in members
+                position += 1
             cursor[kind] += 1
     for kind, count in cursor.items():
         if count != len(sizes[kind]):
             raise InputError(f"the prompts hold placeholders for {count} {kind}(s) but {len(sizes[kind])} were given")
     return order
+
+
+class QwenOmniThinkerAdapter(QwenVLAdapter):
+    """Qwen2.5-Omni's thinker: Qwen2.5-VL's ViT and merger, a Whisper-like audio encoder, an M-RoPE LLM with TMRoPE.
+
+    A video with an audio track is one item: its video and audio tokens interleaved per 2-second chunk, as the
+    processor lays them out (`use_audio_in_video`). Its tokens reach the sites already in LLM width (video after the
+    merger, audio after the audio encoder's projection), in sequence order; positions are (t, h, w) in the merged
+    video grid for video tokens and (j, -1, -1) for the j-th audio token. A video without audio is a plain video item.
+    Encoder-site stages are not supported on Omni models yet.
+    """
+
+    family = "qwen2.5-omni"
+    reads_audio = True
+
+    def process(self, texts, images, videos=()):
+        heard = [audio is not None for _, audio, _ in videos]
+        if any(heard) and not all(heard):
+            raise InputError("in one batch, either every video has an audio track or none has (use_audio_in_video is one "
+                             "setting per batch in transformers); run them in separate batches")
+        kwargs = dict(text=texts, return_tensors="pt", padding=True)
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = [frames for frames, _, _ in videos]
+        if any(heard):
+            kwargs.update(audio=[audio for _, audio, _ in videos], audio_from_video_indices=list(range(len(videos))),
+                          load_audio_from_video=True)
+        self.tokenizer.padding_side = "left"
+        batch = self.processor(**kwargs)
+        batch["use_audio_in_video"] = any(heard)
+        return batch
+
+    @property
+    def audio_token_id(self):
+        return int(self.model.config.audio_token_id)
+
+    def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
+        if encoder_stages:
+            raise InputError("encoder-site reducers are not supported on Qwen2.5-Omni models yet")
+        interleaved = bool(batch.get("use_audio_in_video"))
+        audio = self._audio_features(batch) if interleaved else []
+        pieces = {}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+            grid_thw = batch.get(grid_key)
+            pieces[kind] = [] if grid_thw is None else self._encode_grids(batch[pixels_key], grid_thw)
+        sizes = {"image": [item[0] for item in pieces["image"]],
+                 "video": [item[0] + (len(audio[n]) if interleaved else 0) for n, item in enumerate(pieces["video"])]}
+        ids = {"image": self.image_token_id, "video": self.video_token_id}
+        order = _sequence_order(batch["input_ids"], ids, sizes, also={"video": self.audio_token_id} if interleaved else None)
+        encoded, spans = [], self._video_spans(batch["input_ids"]) if interleaved else None
+        for kind, number in order:
+            pixels, grid_thw = pieces[kind][number][1:]
+            if kind == "video" and interleaved:
+                encoded.append(self._encode_interleaved(pixels, grid_thw, audio[number], spans[number], request))
+            else:
+                encoded.append(self._encode_one(pixels, grid_thw, request, (), requests, records, len(encoded),
+                                                () if kind == "image" else (self.video_token_id,)))
+        return encoded
+
+    def _audio_features(self, batch) -> list:
+        """Per audio track (= per video, in order): its LLM-width tokens [n, d]."""
+        thinker = self.model.model
+        features = thinker.get_audio_features(batch["input_features"], batch["feature_attention_mask"], return_dict=True)
+        _, lengths = thinker.audio_tower._get_feat_extract_output_lengths(batch["feature_attention_mask"].sum(-1))
+        return list(torch.split(features.last_hidden_state, lengths.tolist()))
+
+    def _video_spans(self, input_ids) -> list:
+        """Per video with audio, in batch order: is_video [n] over its interleaved placeholders, in sequence order."""
+        spans = []
+        for row in input_ids:
+            starts = torch.nonzero(row == int(self.model.config.audio_start_token_id)).squeeze(1)
+            ends = torch.nonzero(row == int(self.model.config.audio_end_token_id)).squeeze(1)
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                spans.append(row[start + 1 : end] == self.video_token_id)
+        return spans
+
+    def _encode_interleaved(self, pixels, grid_thw, audio, is_video, request):
+        t, h, w = grid_thw[0].tolist()
+        merged = (t, h // self.vision.merge, w // self.vision.merge)
+        out = self.vision.encode_image(pixels, grid_thw, request, ())
+        video = self._project(out.tokens[0])
+        n = len(is_video)
+        features = video.new_zeros(n, video.shape[-1])
+        features[is_video] = video
+        features[~is_video] = audio.to(video.dtype)
+        positions = torch.full((n, 3), -1, dtype=torch.long, device=video.device)
+        positions[is_video] = out.grid.to(video.device)
+        positions[~is_video, 0] = torch.arange(len(audio), device=video.device)
+        video_offset = torch.full((merged[0] * merged[1] * merged[2],), -1, dtype=torch.long, device=video.device)
+        video_offset[_raster_offsets(merged)(out.grid.to(video.device))] = torch.nonzero(is_video).squeeze(1)
+        audio_offset = torch.nonzero(~is_video).squeeze(1)
+
+        def offsets(where):
+            heard = where[..., 1] < 0
+            raster = _raster_offsets(merged)(where.clamp(min=0))
+            return torch.where(heard, audio_offset.to(where.device)[where[..., 0].clamp(max=len(audio_offset) - 1)],
+                               video_offset.to(where.device)[raster.clamp(max=len(video_offset) - 1)])
+
+        tokens = ImageTokens(features, positions, project=lambda x: x)
+        return EncodedImage(tokens, VisionSignals({}), n, lambda x: x, offsets, _in_order, n, offsets,
+                            (self.video_token_id, self.audio_token_id))
+
+    def reference_positions(self, batch):
+        lengths = batch["feature_attention_mask"].sum(-1) if "feature_attention_mask" in batch else None
+        positions, _ = self.model.model.get_rope_index(
+            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch["attention_mask"],
+            bool(batch.get("use_audio_in_video")), lengths, batch.get("video_second_per_grid"),
+        )
+        return positions
 
 
 class ComposedAdapter(LlavaAdapter):
@@ -444,6 +560,7 @@ ADAPTERS = {
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
+    "Qwen2_5OmniThinkerForConditionalGeneration": QwenOmniThinkerAdapter,
 }
 
 

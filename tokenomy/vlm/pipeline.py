@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tokenomy.errors import InputError, UnknownNameError
-from tokenomy.io import load_image, video_frames
+from tokenomy.io import load_image, video_clip
 from tokenomy.reducers.base import LLM_SIGNALS, ImageTokens, PositionPolicy, Site
 from tokenomy.reducers.plan import build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
@@ -144,7 +144,8 @@ class Pipeline:
     # ---- inputs ---------------------------------------------------------------------------------------------------
     def _normalise(self, images, prompts, videos=None):
         """(prompts, images per prompt, videos per prompt). A video is a file path (read by tokenomy.io.load_video)
-        or a uint8 [T, H, W, 3] RGB frame array; a prompt's entry is one video or a list of them."""
+        or a uint8 [T, H, W, 3] RGB frame array (or {"frames": ..., "audio": ...}); a prompt's entry is one video or a
+        list of them. Models that hear (Qwen2.5-Omni) read a file's audio track with it."""
         if isinstance(prompts, str):
             prompts, images, videos = [prompts], [images], [videos]
         if images is None:
@@ -166,7 +167,7 @@ class Pipeline:
                     raise InputError(f"prompt {index} has {placeholders} '{marker}' placeholders but {len(given)} {kind}")
             self._refuse_reserved_tokens(index, prompt)
             per_prompt.append([load_image(image) for image in entry])
-            videos_per_prompt.append([video_frames(clip) for clip in clips])
+            videos_per_prompt.append([video_clip(clip, with_audio=self.adapter.reads_audio) for clip in clips])
         return prompts, per_prompt, videos_per_prompt
 
     def _refuse_reserved_tokens(self, index, prompt):
@@ -226,7 +227,8 @@ class Pipeline:
         context = self.llm_context(inputs, records if encoded else None)
         # Stats count a prompt's images and videos together, in the order they were encoded.
         items = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
-        info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=items, records=records)
+        audio = [[note for _, _, note in clips] for clips in videos_per_prompt]
+        info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=items, records=records, audio=audio)
         return llm_kwargs, context, info
 
     def llm_context(self, inputs, records, replay=None):
@@ -293,6 +295,7 @@ class Pipeline:
                 prefill_tokens=int(inputs.attention_mask[sample].sum()),
                 kept_indices=kept_indices,
                 stages=[records[id(stage)].summary(image_ids) for stage in self.plan.stages],
+                video_audio=info["audio"][sample],
                 new_tokens=len(new_tokens),
                 prepare_ms=timer.prepare_ms,
                 prefill_ms=timer.prepare_ms + timer.prefill_ms,
