@@ -222,7 +222,7 @@ def test_window_diversity_keep_equals_the_official_selection(ratio, window, weig
     features = rng.normal(size=(29, 16)).astype(np.float32)  # 29 = 3 full windows of 8 and a short one of 5
     weights = rng.uniform(0.1, 2.0, size=29).astype(np.float32) if weighted else None
     got = seats.window_diversity_keep(torch.from_numpy(features), None if weights is None else torch.from_numpy(weights),
-                                      window, ratio)
+                                      seats.window_bounds(29, window), ratio)
     want = []
     for start in range(0, 29, window):
         end = min(start + window, 29)
@@ -239,9 +239,9 @@ def test_window_diversity_keep_is_window_local():
     """Changing one window's tokens never changes what another window keeps (window-local statistics only)."""
     torch.manual_seed(0)
     features, weights = torch.randn(24, 8), torch.rand(24)
-    before = seats.window_diversity_keep(features, weights, 8, 0.4)
+    before = seats.window_diversity_keep(features, weights, seats.window_bounds(24, 8), 0.4)
     features[16:] = torch.randn(8, 8)
-    after = seats.window_diversity_keep(features, weights, 8, 0.4)
+    after = seats.window_diversity_keep(features, weights, seats.window_bounds(24, 8), 0.4)
     assert before[before < 16].tolist() == after[after < 16].tolist()
 
 

@@ -200,6 +200,11 @@ class Reducer(ABC):
         """Under the multi policy: a callable (rotary_emb, hidden, position_ids [..., L, m]) -> (cos, sin)."""
         return None
 
+    def expand(self, family: str) -> list:
+        """The stages this reducer runs as, once a model family is known (a method acting at several sites returns
+        one stage per site, in site order). Called once when a Pipeline loads."""
+        return [self]
+
     # ---- the decision --------------------------------------------------------------------------------------------
     def budget(self, image: ImageTokens) -> int:
         """Tokens to keep for this image: `keep`, or all of them when keep is None or not smaller."""

@@ -21,9 +21,14 @@ import torch
 
 from tokenomy.errors import InputError
 from tokenomy.ops.diversity import cosine_distance, max_min_diversity
+from tokenomy.reducers.base import LAST_TEXT_ATTENTION, ImageTokens, Reducer, Selection, Site
+from tokenomy.reducers.registry import register
 
 ENCODER_RATIO_SCALE = 1.4  # lambda: Stage I keeps lambda * target (config.yaml encoder_ratio_scale)
 WINDOW_TEMPERATURE = 0.1  # tau of the inter-window softmax (inner_llm_units.py `temp`)
+AUDIO_TOKENS_PER_SECOND = 25  # Qwen2.5-Omni: 50 Hz encoder frames pooled 2x
+# Official layer configurations (config.yaml, config_qwen3_30b.yaml), by LLM depth: (drop layers, late_block_layer).
+LAYER_CONFIGS = {28: ((16, 18, 20), 24), 48: ((27, 31, 35), 40)}
 
 
 # ---- the scheduler (§5.5) ------------------------------------------------------------------------------------------
@@ -116,15 +121,15 @@ def window_keep_count(size: int, ratio: float) -> int:
     return max(1, min(size, round(ratio * size)))
 
 
-def window_diversity_keep(features: torch.Tensor, weights: torch.Tensor | None, window: int, ratio: float) -> torch.Tensor:
-    """Stage I for one modality: in each window keep clamp(round(ratio * |W|), 1, |W|) tokens by weighted max-min
-    diversity (weights on the candidate side). features [N, D], weights [N] or None. Returns kept indices, ascending.
-    Equal windows are batched (same size and count), so the cost is one [n, w, w] distance tensor per group."""
+def window_diversity_keep(features: torch.Tensor, weights: torch.Tensor | None, bounds: list, ratio: float) -> torch.Tensor:
+    """Stage I for one modality: in each window [start, end) of `bounds` keep clamp(round(ratio * |W|), 1, |W|) tokens
+    by weighted max-min diversity (weights on the candidate side). features [N, D], weights [N] or None. Returns kept
+    indices, ascending. Equal windows are batched (same size and count): one [n, w, w] distance tensor per group."""
     if features.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=features.device)
     groups: dict = {}
     kept = []
-    for start, end in window_bounds(features.shape[0], window):
+    for start, end in bounds:
         count = window_keep_count(end - start, ratio)
         if count >= end - start:
             kept.append(torch.arange(start, end, device=features.device))
@@ -272,3 +277,156 @@ def inner_llm_keep(relevance: torch.Tensor, video_mask: torch.Tensor, audio_mask
 def text_only_keep(video_mask: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
     """Stage III: keep every token that is neither audio nor video."""
     return ~(video_mask | audio_mask)
+
+
+# ---- the reducer -------------------------------------------------------------------------------------------------
+
+def _ratio(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise InputError(f"seats option {name} must be a retention fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _layers(value) -> tuple | None:
+    """'16-18-20' (the official config's form), '16,18,20' or a sequence of ints."""
+    if value is None:
+        return None
+    try:
+        items = [int(x) for x in value.replace(",", "-").split("-") if x.strip()] if isinstance(value, str) else [int(x) for x in value]
+    except (TypeError, ValueError):
+        raise InputError(f"seats option drop_layers must be layer numbers like '16-18-20', got {value!r}") from None
+    return tuple(items)
+
+
+def modality_masks(image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video, audio) masks of a token set: adapters give audio tokens the position (j, -1, -1), video (t, h, w)."""
+    positions = image.positions if image.positions.dim() == 2 else image.positions[:, 0]
+    audio = positions[:, 1] < 0
+    return ~audio, audio
+
+
+def _window_bounds_of(ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) runs of equal consecutive window ids."""
+    if ids.numel() == 0:
+        return []
+    change = (torch.nonzero(ids[1:] != ids[:-1]).squeeze(1) + 1).tolist()
+    starts, ends = [0, *change], [*change, ids.numel()]
+    return list(zip(starts, ends))
+
+
+@register("seats")
+class Seats(Reducer):
+    """SEATS. Stage I acts after the projector (this stage); `expand` adds the LLM stage that runs Stage II at the
+    drop layers and Stage III before the late layer, cutting earlier layers' caches each time.
+
+    Options: video / audio are the target retention of each modality averaged over all LLM layers (not the fraction
+    entering the LLM); drop_layers ('16-18-20') and late_block_layer (24) are the official 1-based numbers (a drop
+    layer d acts before 0-based layer d, Stage III before late_block_layer - 1); defaults are the official ones for
+    28- and 48-layer LLMs and scaled from the 28-layer ones otherwise. encoder_scale (1.4) is lambda, grid_in_window
+    (2) and audio_window_seconds (2) size Stage I's windows, temperature (0.1) is tau.
+    Stage I weights each candidate by the attention it received in its encoder window when the adapter supplies it
+    (`window_attention` signal); without it the selection is plain max-min diversity (the official code's mode
+    without attention).
+    """
+
+    site = Site.POST_PROJECTOR
+
+    def __init__(self, video: float = 0.3, audio: float = 0.65, drop_layers=None, late_block_layer: int | None = None,
+                 encoder_scale: float = ENCODER_RATIO_SCALE, grid_in_window: int = 2, audio_window_seconds: int = 2,
+                 temperature: float = WINDOW_TEMPERATURE, keep: int | None = None):
+        if keep is not None:
+            raise InputError("seats budgets are layer-averaged retention per modality: give video= and audio= fractions, not keep")
+        super().__init__(None)
+        self.video, self.audio = _ratio("video", video), _ratio("audio", audio)
+        self.drop_layers = _layers(drop_layers)
+        if late_block_layer is not None and (isinstance(late_block_layer, bool) or not isinstance(late_block_layer, int)):
+            raise InputError(f"seats option late_block_layer must be an integer layer number, got {late_block_layer!r}")
+        self.late_block_layer = late_block_layer
+        if isinstance(encoder_scale, bool) or not isinstance(encoder_scale, (int, float)) or encoder_scale < 1:
+            raise InputError(f"seats option encoder_scale must be a number >= 1, got {encoder_scale!r}")
+        self.encoder_scale = float(encoder_scale)
+        for name, value in (("grid_in_window", grid_in_window), ("audio_window_seconds", audio_window_seconds)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"seats option {name} must be an integer >= 1, got {value!r}")
+        self.grid_in_window, self.audio_window_seconds = grid_in_window, audio_window_seconds
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise InputError(f"seats option temperature must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    @property
+    def applies_budget(self) -> bool:
+        return False  # no `keep`: the budgets are the per-modality retention targets
+
+    def expand(self, family: str) -> list:
+        return [self, SeatsInLLM(self)]
+
+    def layer_config(self, num_layers: int) -> tuple[tuple, int]:
+        if self.drop_layers is not None and self.late_block_layer is not None:
+            return self.drop_layers, self.late_block_layer
+        drops, late = LAYER_CONFIGS.get(num_layers, (None, None))
+        if drops is None:
+            drops = tuple(sorted({max(1, round(d * num_layers / 28)) for d in LAYER_CONFIGS[28][0]}))
+            late = max(2, round(LAYER_CONFIGS[28][1] * num_layers / 28))
+        return self.drop_layers if self.drop_layers is not None else drops, self.late_block_layer or late
+
+    def schedules(self, num_layers: int) -> tuple[RetentionSchedule, RetentionSchedule]:
+        drops, late = self.layer_config(num_layers)
+        return (retention_schedule(self.video, num_layers, drops, late, self.encoder_scale),
+                retention_schedule(self.audio, num_layers, drops, late, self.encoder_scale))
+
+    def select(self, image: ImageTokens) -> Selection:
+        """Stage I: per temporal window of each modality, (weighted) max-min diversity on the LLM-input embeddings."""
+        video, audio = modality_masks(image)
+        positions = image.positions if image.positions.dim() == 2 else image.positions[:, 0]
+        weights = image.signals.get("window_attention")
+        kept = []
+        for mask, window_of, target in (
+                (video, positions[:, 0] // self.grid_in_window, self.video),
+                (audio, positions[:, 0] // (self.audio_window_seconds * AUDIO_TOKENS_PER_SECOND), self.audio)):
+            members = torch.nonzero(mask).squeeze(1)
+            if members.numel() == 0:
+                continue
+            ratio = min(1.0, self.encoder_scale * target)
+            local = window_diversity_keep(image.features[members], None if weights is None else weights[members],
+                                          _window_bounds_of(window_of[members]), ratio)
+            kept.append(members[local])
+        return Selection.from_indices(image, torch.cat(kept).sort().values)
+
+    def __repr__(self) -> str:
+        return f"Seats(video={self.video}, audio={self.audio})"
+
+
+class SeatsInLLM(Reducer):
+    """SEATS Stages II and III at the LLM site (made by `Seats.expand`); each step cuts the earlier layers' caches."""
+
+    name = "seats-llm"
+    site = Site.LLM
+    cuts_caches = True
+
+    def __init__(self, seats: Seats):
+        super().__init__(None)
+        self.seats = seats
+
+    @property
+    def applies_budget(self) -> bool:
+        return False
+
+    def llm_layers(self, num_layers: int) -> tuple:
+        video, _ = self.seats.schedules(num_layers)
+        self._num_layers = num_layers
+        late = () if video.late_layer is None else (video.late_layer,)
+        return tuple(video.drop_layers) + late
+
+    def llm_request(self, layer: int) -> tuple:
+        video, _ = self.seats.schedules(self._num_layers)
+        return (LAST_TEXT_ATTENTION,) if layer in video.drop_layers else ()
+
+    def select(self, image: ImageTokens) -> Selection:
+        video_schedule, audio_schedule = self.seats.schedules(self._num_layers)
+        if image.layer not in video_schedule.drop_layers:  # Stage III: only text goes on
+            return Selection.from_indices(image, torch.zeros(0, dtype=torch.long, device=image.features.device))
+        step = video_schedule.drop_layers.index(image.layer)
+        video, audio = modality_masks(image)
+        keep = inner_llm_keep(image.signals[LAST_TEXT_ATTENTION], video, audio, video_schedule.keep_ratios[step],
+                              audio_schedule.keep_ratios[step], self.seats.temperature)
+        return Selection.from_indices(image, torch.nonzero(keep).squeeze(1))

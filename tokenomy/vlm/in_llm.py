@@ -73,6 +73,8 @@ def _padded(rows: list, device, fill: int = -1) -> torch.Tensor:
 
 def _positions_in(layout: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """For one sample: where each original index of `wanted` sits in `layout` (a padded row of original indices)."""
+    if wanted.numel() == 0:  # an image a stage removed whole (SEATS Stage III)
+        return wanted.to(device=layout.device, dtype=torch.long)
     lookup = torch.full((int(max(layout.max(), wanted.max())) + 1,), -1, dtype=torch.long, device=layout.device)
     valid = layout >= 0
     lookup[layout[valid]] = torch.nonzero(valid).squeeze(1)

@@ -12,7 +12,7 @@ import torch
 from tokenomy.errors import InputError, UnknownNameError
 from tokenomy.io import load_image, video_clip
 from tokenomy.reducers.base import LLM_SIGNALS, ImageTokens, PositionPolicy, Site
-from tokenomy.reducers.plan import build_plan
+from tokenomy.reducers.plan import Plan, build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
 from tokenomy.vlm.adapters import ADAPTERS, adapter_for
 from tokenomy.vlm.assembly import assemble
@@ -74,9 +74,11 @@ class Pipeline:
     def __init__(self, model, processor, reducer, name="model", position_policy=None):
         self.model = model
         self.processor = processor
-        self.plan = build_plan(reducer)
         self.name = name
         self.adapter = adapter_for(model, processor)
+        plan = build_plan(reducer)
+        stages = [part for stage in plan.stages for part in stage.expand(self.adapter.family)]
+        self.plan = plan if stages == plan.stages else Plan(stages, plan.spec)
         self.position_policy = self._policy(position_policy)
         self._check_plan()
 

@@ -1,0 +1,127 @@
+"""SEATS end to end on tiny-qwen2.5-omni with videos whose audio track is interleaved: the budgets of every stage,
+no audio or video position left in any layer's cache after Stage III, greedy decoding equal to a no-cache recompute
+that masks the same tokens explicitly, batch of 2 = 2 single runs; and on a Qwen2.5-VL video (video only)."""
+import numpy as np
+import pytest
+import torch
+
+import tokenomy
+from tests.test_reduction_plans import recompute_greedy
+from tests.test_vlm_omni import clip
+from tests.test_vlm_video import random_video
+from tokenomy.errors import InputError
+from tokenomy.reducers import seats as seats_module
+from tokenomy.vlm.pipeline import Pipeline
+
+OPTIONS = dict(video=0.3, audio=0.65, drop_layers="1-2", late_block_layer=4)  # Stage II before layers 1, 2; III before 3
+PROMPTS = ["<video>What happens?", "Describe <video> in words."]
+
+
+@pytest.fixture(scope="module")
+def videos():
+    return [clip(0), clip(1, frames=12, seconds=6.0)]
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return tokenomy.load("tiny-qwen2.5-omni", "seats", **OPTIONS)
+
+
+def with_videos(pipeline, monkeypatch, videos):
+    """Let tests/test_reduction_plans helpers (written for images) prepare these prompts with their videos."""
+    monkeypatch.setattr(pipeline, "prepare", lambda images, prompts: Pipeline.prepare(pipeline, images, prompts, videos))
+
+
+def record_llm_steps(pipeline, monkeypatch):
+    """(layer, video in, audio in, video kept, audio kept) of every LLM step, per image."""
+    stage = pipeline.plan.stages[1]
+    seen, select = [], stage.select
+
+    def recording(image):
+        selection = select(image)
+        video, audio = seats_module.modality_masks(image)
+        kept = torch.zeros(image.num_tokens, dtype=torch.bool)
+        kept[selection.kept] = True
+        seen.append((image.layer, int(video.sum()), int(audio.sum()), int((kept & video).sum()), int((kept & audio).sum())))
+        return selection
+
+    monkeypatch.setattr(stage, "select", recording)
+    return seen
+
+
+def test_plan_is_stage_one_after_the_projector_then_the_llm_steps(pipeline):
+    assert [stage.site.value for stage in pipeline.plan.stages] == ["post_projector", "llm"]
+    assert [layer for layer, _, _ in pipeline._llm_steps] == [1, 2, 3]
+    assert pipeline.plan.stages[1].cuts_caches
+
+
+def test_budgets_of_every_stage(pipeline, videos, monkeypatch):
+    steps = record_llm_steps(pipeline, monkeypatch)
+    _, _, info = pipeline.prepare([None], PROMPTS[:1], videos[:1])
+    positions = info["encoded"][0].tokens.positions
+    audio = positions[:, 1] < 0
+    video_schedule, audio_schedule = pipeline.plan.stages[0].schedules(4)
+    # Stage I: per window of 2 temporal grids / 50 audio tokens, clamp(round(1.4 r |W|), 1, |W|).
+    expected_stage_one = 0
+    for mask, window, ratio in ((~audio, positions[:, 0] // 2, 1.4 * 0.3), (audio, positions[:, 0] // 50, 1.4 * 0.65)):
+        for value in window[mask].unique():
+            size = int((window[mask] == value).sum())
+            expected_stage_one += max(1, min(size, round(ratio * size)))
+    (generation,) = pipeline.generate([None], PROMPTS[:1], max_new_tokens=2, videos=videos[:1])
+    per_layer = generation.stats["visual_tokens_per_layer"]
+    assert generation.stats["stages"][0]["tokens_out"] == expected_stage_one == per_layer[0]
+    # Stage II: B_m = max(1, round(kappa_m * n_m)) per modality at each drop layer; Stage III leaves nothing.
+    (first, second, late) = steps[-3:]
+    for (layer, n_video, n_audio, kept_video, kept_audio), step in ((first, 0), (second, 1)):
+        want_video = max(1, round(video_schedule.keep_ratios[step] * n_video))
+        want_audio = max(1, round(audio_schedule.keep_ratios[step] * n_audio))
+        assert kept_video + kept_audio == want_video + want_audio
+        assert abs(kept_video - want_video) <= 2  # the window split may move a token or two between modalities
+    assert [first[0], second[0], late[0]] == [1, 2, 3] and late[3:] == (0, 0)
+    assert per_layer == [expected_stage_one, first[3] + first[4], second[3] + second[4], 0]
+
+
+def test_no_audio_or_video_position_is_left_in_any_cache(pipeline, videos):
+    llm_kwargs, context, info = pipeline.prepare([None, None], PROMPTS, videos)
+    with context, torch.no_grad():
+        output = pipeline.model(**llm_kwargs, use_cache=True)
+    cache = output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+    inputs = info["inputs"]
+    texts = []
+    for sample in range(2):
+        visual = torch.cat(inputs.visual_slots[sample])
+        text = int(inputs.attention_mask[sample].sum()) - len(visual)
+        for layer in range(4):
+            layout = context.cache_layout[layer][sample]
+            assert not bool(torch.isin(layout[layout >= 0], visual).any()), f"layer {layer} still caches a visual token"
+            assert int((layout >= 0).sum()) == text
+        texts.append(text)
+    # Every layer's cache holds the text of the longer prompt (left padding for the other), nothing visual.
+    assert [layer.keys.shape[2] for layer in cache.layers] == [max(texts)] * 4
+
+
+def test_greedy_equals_explicit_masking_and_batch_equals_singles(pipeline, videos, monkeypatch):
+    together = pipeline.generate([None, None], PROMPTS, max_new_tokens=4, videos=videos, eos_token_id=None)
+    for prompt, video, joint in zip(PROMPTS, videos, together):
+        (alone,) = pipeline.generate([None], [prompt], max_new_tokens=4, videos=[video], eos_token_id=None)
+        assert alone.token_ids == joint.token_ids
+        assert alone.stats["visual_tokens_per_layer"] == joint.stats["visual_tokens_per_layer"]
+        assert alone.stats["stages"][0]["tokens_out"] == joint.stats["stages"][0]["tokens_out"]
+    with_videos(pipeline, monkeypatch, videos)
+    assert [g.token_ids for g in together] == recompute_greedy(pipeline, [None, None], PROMPTS, steps=4)
+
+
+def test_seats_on_a_qwen25_vl_video_is_video_only():
+    pipeline = tokenomy.load("tiny-qwen2.5-vl", "seats", **OPTIONS)
+    (generation,) = pipeline.generate([None], ["<video>What happens?"], max_new_tokens=2, videos=[random_video(0, frames=8)])
+    per_layer = generation.stats["visual_tokens_per_layer"]
+    assert per_layer[0] < generation.stats["visual_tokens_in"] and per_layer[1] <= per_layer[0] and per_layer[3] == 0
+
+
+def test_seats_options_are_checked_at_load():
+    with pytest.raises(InputError, match="not keep"):
+        tokenomy.load("tiny-qwen2.5-omni", "seats", keep=8)
+    with pytest.raises(InputError, match="video must be a retention fraction"):
+        tokenomy.load("tiny-qwen2.5-omni", "seats", video=1.5)
+    with pytest.raises(InputError, match="drop_layers"):
+        tokenomy.load("tiny-qwen2.5-omni", "seats", drop_layers="a-b")
