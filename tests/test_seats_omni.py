@@ -125,3 +125,43 @@ def test_seats_options_are_checked_at_load():
         tokenomy.load("tiny-qwen2.5-omni", "seats", video=1.5)
     with pytest.raises(InputError, match="drop_layers"):
         tokenomy.load("tiny-qwen2.5-omni", "seats", drop_layers="a-b")
+
+
+def test_window_attention_signal_equals_the_last_vision_block_computed_as_seats_does(monkeypatch):
+    """The Stage I statistic from transformers' own last ViT block: its attention input and rotary captured by a
+    hook, windows of 2 temporal grids over the window-permuted patches, mean over each 2x2 unit, window order undone
+    (SEATS baselines/visionzip/modeling_qwen2_5_omni_visionzip.py lines 60-74 and 170-181, at c553732)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    pipeline = tokenomy.load("tiny-qwen2.5-vl", "seats", **OPTIONS)
+    stage, seen = pipeline.plan.stages[0], []
+    select = stage.select
+    monkeypatch.setattr(stage, "select", lambda image: seen.append(image.signals["window_attention"][-1]) or select(image))
+    _, _, info = pipeline.prepare([None], ["<video>What happens?"], [random_video(5, frames=6, height=112, width=112)])
+    batch = info["batch"]
+    visual = pipeline.model.model.visual
+    captured = {}
+    handle = visual.blocks[-1].attn.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(hidden=args[0] if args else kwargs["hidden_states"],
+                                                     rotary=kwargs["position_embeddings"]), with_kwargs=True)
+    with torch.no_grad():
+        visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
+    handle.remove()
+    attn = visual.blocks[-1].attn
+    hidden = captured["hidden"]
+    q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = captured["rotary"]
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    t, h, w = batch["video_grid_thw"][0].tolist()
+    window_tokens = 2 * h * w
+    received = torch.zeros(hidden.shape[0])
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], window_tokens):
+            qw, kw = q[start:start + window_tokens].transpose(0, 1), k[start:start + window_tokens].transpose(0, 1)
+            received[start:start + window_tokens] = ((qw @ kw.transpose(-1, -2)) * attn.scaling).softmax(-1).mean(0).sum(0)
+    window_index, _ = get_vision_window_index(batch["video_grid_thw"], spatial_merge_size=2, window_size=visual.window_size,
+                                              patch_size=visual.patch_size, kwargs={})
+    expected = received.view(-1, 4).mean(-1)[torch.argsort(window_index)]
+    assert t == 3 and len(seen) == 1
+    assert torch.allclose(seen[0], expected, atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokenomy.errors import InputError
+from tokenomy.ops import window_attention_received
 from tokenomy.reducers import seats
 
 
@@ -204,7 +205,7 @@ def test_schedule_errors_name_the_option():
 def test_window_attention_received_equals_numpy():
     rng = np.random.default_rng(0)
     q, k = rng.normal(size=(2, 3, 10, 4)).astype(np.float32)
-    got = seats.window_attention_received(torch.from_numpy(q), torch.from_numpy(k), window=4, scale=0.5)
+    got = window_attention_received(torch.from_numpy(q), torch.from_numpy(k), seats.window_bounds(10, 4), scale=0.5)
     want = np.zeros(10)
     for s in (0, 4, 8):
         logits = np.einsum("hqd,hkd->hqk", q[:, s:s + 4], k[:, s:s + 4]) * 0.5

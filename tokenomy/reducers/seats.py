@@ -1,8 +1,8 @@
 """SEATS (reducers.md §5): stage-adaptive selection of audio and video tokens for omni-modal LLMs, as pure tensor code.
 
 - Stage I, before the LLM: per temporal window of one modality, greedy max-min diversity on the LLM-input embeddings
-  weighted by the attention each token received inside its window in the encoder's last layer (`window_attention_received`,
-  `window_diversity_keep`).
+  weighted by the attention each token received inside its window in the encoder's last layer (the `window_attention`
+  vision signal, tokenomy.ops.window_attention; `window_diversity_keep`).
 - Stage II, at scheduled LLM layers: the last text token's attention row ranks the tokens; budgets go to windows by
   softmax(tau) over window means, then split between video and audio (`inner_llm_keep`).
 - Stage III, before the late block: every audio and video token goes (`text_only_keep`).
@@ -23,6 +23,7 @@ from tokenomy.errors import InputError
 from tokenomy.ops.diversity import cosine_distance, max_min_diversity
 from tokenomy.reducers.base import LAST_TEXT_ATTENTION, ImageTokens, Reducer, Selection, Site
 from tokenomy.reducers.registry import register
+from tokenomy.vision.base import WINDOW_ATTENTION, SignalRequest
 
 ENCODER_RATIO_SCALE = 1.4  # lambda: Stage I keeps lambda * target (config.yaml encoder_ratio_scale)
 WINDOW_TEMPERATURE = 0.1  # tau of the inter-window softmax (inner_llm_units.py `temp`)
@@ -102,19 +103,6 @@ def retention_schedule(target: float, num_layers: int, drop_layers, late_block_l
 def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
     """Consecutive [start, end) windows of `window` tokens; the last one may be shorter."""
     return [(start, min(start + window, length)) for start in range(0, length, window)]
-
-
-def window_attention_received(query: torch.Tensor, keys: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    """Attention each token receives inside its window: a_j = sum_i mean_h softmax(q_i k^T * scale)_j over the window.
-
-    query, keys: [H, N, d] (the encoder's last layer, rotary applied). Returns [N] in fp32. Memory is one window's
-    [H, w, w] map at a time, never the whole sequence's.
-    """
-    received = torch.zeros(query.shape[1], dtype=torch.float32, device=query.device)
-    for start, end in window_bounds(query.shape[1], window):
-        logits = torch.einsum("hqd,hkd->hqk", query[:, start:end].float(), keys[:, start:end].float()) * scale
-        received[start:end] = logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
-    return received
 
 
 def window_keep_count(size: int, ratio: float) -> int:
@@ -324,9 +312,9 @@ class Seats(Reducer):
     layer d acts before 0-based layer d, Stage III before late_block_layer - 1); defaults are the official ones for
     28- and 48-layer LLMs and scaled from the 28-layer ones otherwise. encoder_scale (1.4) is lambda, grid_in_window
     (2) and audio_window_seconds (2) size Stage I's windows, temperature (0.1) is tau.
-    Stage I weights each candidate by the attention it received in its encoder window when the adapter supplies it
-    (`window_attention` signal); without it the selection is plain max-min diversity (the official code's mode
-    without attention).
+    Stage I weights each video candidate by the attention it received in its window of the ViT's last block (the
+    `window_attention` signal). Audio tokens carry no such statistic yet (NaN from the Omni adapter): their selection
+    is plain max-min diversity, the official code's mode without attention.
     """
 
     site = Site.POST_PROJECTOR
@@ -358,7 +346,13 @@ class Seats(Reducer):
         return False  # no `keep`: the budgets are the per-modality retention targets
 
     def expand(self, family: str) -> list:
+        if not family.startswith("qwen"):
+            raise InputError(f"seats needs a model with frames and M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni), not {family}")
         return [self, SeatsInLLM(self)]
+
+    def vision_request(self, num_layers: int, feature_layer: int) -> SignalRequest:
+        # The encoder's last block, on its input, as the official statistic is taken inside that block's attention.
+        return SignalRequest.of(**{WINDOW_ATTENTION: (num_layers - 1,)})
 
     def layer_config(self, num_layers: int) -> tuple[tuple, int]:
         if self.drop_layers is not None and self.late_block_layer is not None:
@@ -378,7 +372,8 @@ class Seats(Reducer):
         """Stage I: per temporal window of each modality, (weighted) max-min diversity on the LLM-input embeddings."""
         video, audio = modality_masks(image)
         positions = image.positions if image.positions.dim() == 2 else image.positions[:, 0]
-        weights = image.signals.get("window_attention")
+        weights = image.signals.get(WINDOW_ATTENTION)
+        weights = None if weights is None else weights[-1]
         kept = []
         for mask, window_of, target in (
                 (video, positions[:, 0] // self.grid_in_window, self.video),
@@ -387,8 +382,8 @@ class Seats(Reducer):
             if members.numel() == 0:
                 continue
             ratio = min(1.0, self.encoder_scale * target)
-            local = window_diversity_keep(image.features[members], None if weights is None else weights[members],
-                                          _window_bounds_of(window_of[members]), ratio)
+            weight = None if weights is None or bool(weights[members].isnan().any()) else weights[members]
+            local = window_diversity_keep(image.features[members], weight, _window_bounds_of(window_of[members]), ratio)
             kept.append(members[local])
         return Selection.from_indices(image, torch.cat(kept).sort().values)
 

@@ -522,8 +522,15 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
             return torch.where(heard, audio_offset.to(where.device)[where[..., 0].clamp(max=len(audio_offset) - 1)],
                                video_offset.to(where.device)[raster.clamp(max=len(video_offset) - 1)])
 
+        # Encoder signals exist for the video tokens only; audio tokens hold NaN (no statistic).
+        signals = {}
+        for name, by_layer in out.signals.items():
+            for layer, value in by_layer.items():
+                spread = torch.full((n, *value.shape[2:]), float("nan"), dtype=torch.float32, device=video.device)
+                spread[is_video] = value[0].float()
+                signals.setdefault(name, {})[layer] = spread
         tokens = ImageTokens(features, positions, project=lambda x: x)
-        return EncodedImage(tokens, VisionSignals({}), n, lambda x: x, offsets, _in_order, n, offsets,
+        return EncodedImage(tokens, VisionSignals(signals), n, lambda x: x, offsets, _in_order, n, offsets,
                             (self.video_token_id, self.audio_token_id))
 
     def reference_positions(self, batch):
