@@ -165,3 +165,40 @@ def test_window_attention_signal_equals_the_last_vision_block_computed_as_seats_
     expected = received.view(-1, 4).mean(-1)[torch.argsort(window_index)]
     assert t == 3 and len(seen) == 1
     assert torch.allclose(seen[0], expected, atol=1e-5)
+
+
+def test_stage_two_relevance_is_layer_d_minus_1_on_its_own_output(pipeline, videos, monkeypatch):
+    """SEATS inner_llm_units.py compute_last_token_qk_scores_full (lines 61-99 at c553732): layer d-1's input norm and
+    q/k applied to that layer's OUTPUT, M-RoPE, repeat_kv, the last token's softmax row, mean over heads."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb
+
+    stage, seen = pipeline.plan.stages[1], {}
+    select = stage.select
+    def recording(image):
+        seen.setdefault(image.layer, image.signals.get("last_text_attention_after"))
+        return select(image)
+
+    monkeypatch.setattr(stage, "select", recording)
+    layer0 = pipeline.adapter.decoder_layers[0]
+    captured = {}
+    handles = [layer0.register_forward_pre_hook(lambda m, a, k: captured.update(rotary=k["position_embeddings"]), with_kwargs=True),
+               layer0.register_forward_hook(lambda m, a, out: captured.update(out=out[0] if isinstance(out, tuple) else out))]
+    llm_kwargs, context, info = pipeline.prepare([None], PROMPTS[:1], videos[:1])
+    try:
+        with context, torch.no_grad():
+            pipeline.model(**llm_kwargs, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    attn = layer0.self_attn
+    with torch.no_grad():
+        normed = layer0.input_layernorm(captured["out"])
+        batch, length, _ = normed.shape
+        q = attn.q_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = captured["rotary"]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        row = ((q[:, :, -1:] @ k.transpose(-1, -2)) / attn.head_dim ** 0.5).softmax(-1).mean(1)[0, 0]
+    slots = info["inputs"].visual_slots[0][0]
+    assert torch.allclose(seen[1], row[slots], atol=1e-6)

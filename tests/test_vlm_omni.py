@@ -41,8 +41,10 @@ def test_interleaved_video_and_audio_equal_the_stock_thinker(omni):
         assert generation.token_ids == row[: len(generation.token_ids)]
 
 
-def test_reduced_omni_batch_equals_singles():
-    pipeline = tokenomy.load("tiny-qwen2.5-omni", "random", keep=20)
+@pytest.mark.parametrize("reducer", ["random", "fastv"])
+def test_reduced_omni_batch_equals_singles(reducer):
+    """Baselines act on a video's audio and video tokens together (one item)."""
+    pipeline = tokenomy.load("tiny-qwen2.5-omni", reducer, keep=20)
     prompts, videos = ["<video>What happens?", "Describe <video>."], [clip(2), clip(3, frames=12, seconds=6.0)]
     together = pipeline.generate([None, None], prompts, max_new_tokens=4, videos=videos)
     for prompt, video, joint in zip(prompts, videos, together):

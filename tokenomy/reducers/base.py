@@ -42,7 +42,10 @@ LAST_TEXT_ATTENTION = "last_text_attention"  # head-averaged softmax row of the 
 MEAN_TEXT_ATTENTION = "mean_text_attention"  # the same row averaged over the prompt tokens after the sample's last image
 LAST_TEXT_VALUE_SIMILARITY = "last_text_value_similarity"  # head-averaged softmax_visual(v_last . v_j / sqrt(d))
 LLM_VALUES = "llm_values"  # head-averaged value vectors (after repeat_kv), [N, head_dim]
-LLM_SIGNALS = (LAST_TEXT_ATTENTION, MEAN_TEXT_ATTENTION, LAST_TEXT_VALUE_SIMILARITY, LLM_VALUES)
+# The last prompt token's row again, but from layer-1's OUTPUT through layer-1's own input norm and q/k: the relevance
+# SEATS' Stage II computes (reducers.md §5.3 step 1; reusing that layer's weights on its output is the official code's).
+LAST_TEXT_ATTENTION_AFTER = "last_text_attention_after"
+LLM_SIGNALS = (LAST_TEXT_ATTENTION, MEAN_TEXT_ATTENTION, LAST_TEXT_VALUE_SIMILARITY, LLM_VALUES, LAST_TEXT_ATTENTION_AFTER)
 
 
 @dataclass

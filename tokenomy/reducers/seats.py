@@ -21,7 +21,7 @@ import torch
 
 from tokenomy.errors import InputError
 from tokenomy.ops.diversity import cosine_distance, max_min_diversity
-from tokenomy.reducers.base import LAST_TEXT_ATTENTION, ImageTokens, Reducer, Selection, Site
+from tokenomy.reducers.base import LAST_TEXT_ATTENTION_AFTER, ImageTokens, Reducer, Selection, Site
 from tokenomy.reducers.registry import register
 from tokenomy.vision.base import WINDOW_ATTENTION, SignalRequest
 
@@ -414,7 +414,7 @@ class SeatsInLLM(Reducer):
 
     def llm_request(self, layer: int) -> tuple:
         video, _ = self.seats.schedules(self._num_layers)
-        return (LAST_TEXT_ATTENTION,) if layer in video.drop_layers else ()
+        return (LAST_TEXT_ATTENTION_AFTER,) if layer in video.drop_layers else ()
 
     def select(self, image: ImageTokens) -> Selection:
         video_schedule, audio_schedule = self.seats.schedules(self._num_layers)
@@ -422,6 +422,6 @@ class SeatsInLLM(Reducer):
             return Selection.from_indices(image, torch.zeros(0, dtype=torch.long, device=image.features.device))
         step = video_schedule.drop_layers.index(image.layer)
         video, audio = modality_masks(image)
-        keep = inner_llm_keep(image.signals[LAST_TEXT_ATTENTION], video, audio, video_schedule.keep_ratios[step],
+        keep = inner_llm_keep(image.signals[LAST_TEXT_ATTENTION_AFTER], video, audio, video_schedule.keep_ratios[step],
                               audio_schedule.keep_ratios[step], self.seats.temperature)
         return Selection.from_indices(image, torch.nonzero(keep).squeeze(1))
