@@ -79,6 +79,11 @@ def test_budgets_of_every_stage(pipeline, videos, monkeypatch):
         assert abs(kept_video - want_video) <= 2  # the window split may move a token or two between modalities
     assert [first[0], second[0], late[0]] == [1, 2, 3] and late[3:] == (0, 0)
     assert per_layer == [expected_stage_one, first[3] + first[4], second[3] + second[4], 0]
+    in_tokens = generation.stats["visual_tokens_in"]
+    assert generation.stats["layer_averaged_retention"] == pytest.approx(sum(per_layer) / (4 * in_tokens))
+    # Rounding on a few dozen tokens aside, the realised average is the schedule's (video 0.3, audio 0.65).
+    target = (0.3 * int((~audio).sum()) + 0.65 * int(audio.sum())) / in_tokens
+    assert generation.stats["layer_averaged_retention"] == pytest.approx(target, abs=0.04)
 
 
 def test_no_audio_or_video_position_is_left_in_any_cache(pipeline, videos):

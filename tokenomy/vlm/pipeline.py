@@ -294,6 +294,8 @@ class Pipeline:
                 visual_tokens_in=visual_in,
                 visual_tokens_kept=per_layer[-1] if per_layer else entered,
                 visual_tokens_per_layer=per_layer,
+                # What SEATS budgets count: the visual tokens each LLM layer reads, averaged, over those that came in.
+                layer_averaged_retention=sum(per_layer) / (len(per_layer) * visual_in) if per_layer and visual_in else 1.0,
                 prefill_tokens=int(inputs.attention_mask[sample].sum()),
                 kept_indices=kept_indices,
                 stages=[records[id(stage)].summary(image_ids) for stage in self.plan.stages],
