@@ -207,3 +207,32 @@ def test_stage_two_relevance_is_layer_d_minus_1_on_its_own_output(pipeline, vide
         row = ((q[:, :, -1:] @ k.transpose(-1, -2)) / attn.head_dim ** 0.5).softmax(-1).mean(1)[0, 0]
     slots = info["inputs"].visual_slots[0][0]
     assert torch.allclose(seen[1], row[slots], atol=1e-6)
+
+
+def test_audio_window_attention_is_the_audio_encoders_last_layer_in_2_second_windows(pipeline, videos, monkeypatch):
+    """The audio half of Stage I's statistic (SEATS modeling_qwen2_5_omni_visionzip.py lines 226-238 and 355-367 at
+    c553732): the last audio layer's q/k, windows of 100 frames (2 s at 50 Hz), then the mean of each frame pair."""
+    stage, seen = pipeline.plan.stages[0], []
+    select = stage.select
+    monkeypatch.setattr(stage, "select", lambda image: seen.append(image) or select(image))
+    last = pipeline.model.model.audio_tower.layers[-1].self_attn
+    captured = {}
+    handle = last.register_forward_pre_hook(lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"]), with_kwargs=True)
+    try:
+        pipeline.prepare([None], PROMPTS[:1], videos[1:])  # 6 s of audio: 3 windows of 100 frames
+    finally:
+        handle.remove()
+    hidden = captured["hidden"]
+    q = last.q_proj(hidden).reshape(len(hidden), last.num_heads, -1).transpose(0, 1)
+    k = last.k_proj(hidden).reshape(len(hidden), last.num_heads, -1).transpose(0, 1)
+    received = torch.zeros(len(hidden))
+    with torch.no_grad():
+        for start in range(0, len(hidden), 100):
+            received[start:start + 100] = ((q[:, start:start + 100] @ k[:, start:start + 100].transpose(-1, -2)) * last.scaling).softmax(-1).mean(0).sum(0)
+    expected = received[: len(received) // 2 * 2].view(-1, 2).mean(-1)
+    image = seen[0]
+    _, audio = seats_module.modality_masks(image)
+    statistic = image.signals["window_attention"][-1]
+    assert len(hidden) == 300 and int(audio.sum()) == len(expected) == 150  # 6 s: 50 frames, 25 tokens a second
+    assert torch.allclose(statistic[audio], expected, atol=1e-5)
+    assert not bool(statistic.isnan().any())

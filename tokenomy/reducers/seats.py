@@ -312,9 +312,9 @@ class Seats(Reducer):
     layer d acts before 0-based layer d, Stage III before late_block_layer - 1); defaults are the official ones for
     28- and 48-layer LLMs and scaled from the 28-layer ones otherwise. encoder_scale (1.4) is lambda, grid_in_window
     (2) and audio_window_seconds (2) size Stage I's windows, temperature (0.1) is tau.
-    Stage I weights each video candidate by the attention it received in its window of the ViT's last block (the
-    `window_attention` signal). Audio tokens carry no such statistic yet (NaN from the Omni adapter): their selection
-    is plain max-min diversity, the official code's mode without attention.
+    Stage I weights each candidate by the attention it received inside its window in the encoder's last layer (the
+    `window_attention` signal: the ViT for video, the audio encoder for audio); a modality without the statistic (NaN)
+    is selected by plain max-min diversity, the official code's mode without attention.
     """
 
     site = Site.POST_PROJECTOR

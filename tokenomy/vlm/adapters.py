@@ -15,7 +15,8 @@ import torch
 
 from tokenomy.errors import InputError, ModelLoadError
 from tokenomy.reducers.base import ImageTokens, PositionPolicy
-from tokenomy.vision.base import SignalRequest, grid_positions, layers_to_run
+from tokenomy.ops.window_attention import window_attention_received
+from tokenomy.vision.base import WINDOW_ATTENTION, SignalRequest, grid_positions, layers_to_run
 from tokenomy.vision.hf import HFViTEncoder
 from tokenomy.vision.qwen_vit import QwenViTEncoder
 from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
@@ -425,6 +426,10 @@ def _sequence_order(input_ids, token_ids: dict, sizes: dict, also: dict | None =
     return order
 
 
+AUDIO_FRAMES_PER_SECOND = 50  # Qwen2.5-Omni's audio encoder frames after its convolutions
+AUDIO_WINDOW_SECONDS = 2  # SEATS' sec_in_audio_window: the window of the audio window_attention signal
+
+
 class QwenOmniThinkerAdapter(QwenVLAdapter):
     """Qwen2.5-Omni's thinker: Qwen2.5-VL's ViT and merger, a Whisper-like audio encoder, an M-RoPE LLM with TMRoPE.
 
@@ -432,6 +437,8 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
     processor lays them out (`use_audio_in_video`). Its tokens reach the sites already in LLM width (video after the
     merger, audio after the audio encoder's projection), in sequence order; positions are (t, h, w) in the merged
     video grid for video tokens and (j, -1, -1) for the j-th audio token. A video without audio is a plain video item.
+    The window_attention signal covers both: the ViT's last block for video, the audio encoder's last layer (windows
+    of 2 s, pooled over frame pairs as the encoder pools) for audio.
     Encoder-site stages are not supported on Omni models yet.
     """
 
@@ -464,31 +471,55 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         if encoder_stages:
             raise InputError("encoder-site reducers are not supported on Qwen2.5-Omni models yet")
         interleaved = bool(batch.get("use_audio_in_video"))
-        audio = self._audio_features(batch) if interleaved else []
+        audio = self._audio_features(batch, WINDOW_ATTENTION in request.layers) if interleaved else []
         pieces = {}
         for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
             grid_thw = batch.get(grid_key)
             pieces[kind] = [] if grid_thw is None else self._encode_grids(batch[pixels_key], grid_thw)
         sizes = {"image": [item[0] for item in pieces["image"]],
-                 "video": [item[0] + (len(audio[n]) if interleaved else 0) for n, item in enumerate(pieces["video"])]}
+                 "video": [item[0] + (len(audio[n][0]) if interleaved else 0) for n, item in enumerate(pieces["video"])]}
         ids = {"image": self.image_token_id, "video": self.video_token_id}
         order = _sequence_order(batch["input_ids"], ids, sizes, also={"video": self.audio_token_id} if interleaved else None)
         encoded, spans = [], self._video_spans(batch["input_ids"]) if interleaved else None
         for kind, number in order:
             pixels, grid_thw = pieces[kind][number][1:]
             if kind == "video" and interleaved:
-                encoded.append(self._encode_interleaved(pixels, grid_thw, audio[number], spans[number], request))
+                encoded.append(self._encode_interleaved(pixels, grid_thw, *audio[number], spans[number], request))
             else:
                 encoded.append(self._encode_one(pixels, grid_thw, request, (), requests, records, len(encoded),
                                                 () if kind == "image" else (self.video_token_id,)))
         return encoded
 
-    def _audio_features(self, batch) -> list:
-        """Per audio track (= per video, in order): its LLM-width tokens [n, d]."""
+    def _audio_features(self, batch, window_attention: bool) -> list:
+        """Per audio track (= per video, in order): (its LLM-width tokens [n, d], and when asked the attention each
+        token received inside its 2-second window of the audio encoder's last layer [n], else None)."""
         thinker = self.model.model
-        features = thinker.get_audio_features(batch["input_features"], batch["feature_attention_mask"], return_dict=True)
-        _, lengths = thinker.audio_tower._get_feat_extract_output_lengths(batch["feature_attention_mask"].sum(-1))
-        return list(torch.split(features.last_hidden_state, lengths.tolist()))
+        tower = thinker.audio_tower
+        captured = {}
+        last = tower.layers[-1].self_attn
+        handle = last.register_forward_pre_hook(
+            lambda module, args, kwargs: captured.update(hidden=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        try:
+            features = thinker.get_audio_features(batch["input_features"], batch["feature_attention_mask"], return_dict=True)
+        finally:
+            handle.remove()
+        frames, lengths = tower._get_feat_extract_output_lengths(batch["feature_attention_mask"].sum(-1))
+        tokens = torch.split(features.last_hidden_state, lengths.tolist())
+        if not window_attention:
+            return [(track, None) for track in tokens]
+        hidden = captured["hidden"]
+        heads = last.num_heads
+        query = last.q_proj(hidden).reshape(len(hidden), heads, -1).transpose(0, 1)
+        keys = last.k_proj(hidden).reshape(len(hidden), heads, -1).transpose(0, 1)
+        out, start = [], 0
+        for track, count, pooled in zip(tokens, frames.tolist(), lengths.tolist()):
+            window = AUDIO_WINDOW_SECONDS * AUDIO_FRAMES_PER_SECOND
+            bounds = [(s, min(s + window, count)) for s in range(0, count, window)]
+            received = window_attention_received(query[:, start:start + count], keys[:, start:start + count], bounds, last.scaling)
+            # The encoder pools frame pairs into one token (50 -> 25 per second); the statistic follows.
+            out.append((track, received[: 2 * pooled].view(pooled, 2).mean(-1)))
+            start += count
+        return out
 
     def _video_spans(self, input_ids) -> list:
         """Per video with audio, in batch order: is_video [n] over its interleaved placeholders, in sequence order."""
@@ -500,7 +531,7 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
                 spans.append(row[start + 1 : end] == self.video_token_id)
         return spans
 
-    def _encode_interleaved(self, pixels, grid_thw, audio, is_video, request):
+    def _encode_interleaved(self, pixels, grid_thw, audio, audio_attention, is_video, request):
         t, h, w = grid_thw[0].tolist()
         merged = (t, h // self.vision.merge, w // self.vision.merge)
         out = self.vision.encode_image(pixels, grid_thw, request, ())
@@ -522,12 +553,15 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
             return torch.where(heard, audio_offset.to(where.device)[where[..., 0].clamp(max=len(audio_offset) - 1)],
                                video_offset.to(where.device)[raster.clamp(max=len(video_offset) - 1)])
 
-        # Encoder signals exist for the video tokens only; audio tokens hold NaN (no statistic).
+        # Vision signals cover the video tokens; audio tokens hold the audio encoder's window attention for that
+        # signal and NaN (no statistic) for the others.
         signals = {}
         for name, by_layer in out.signals.items():
             for layer, value in by_layer.items():
                 spread = torch.full((n, *value.shape[2:]), float("nan"), dtype=torch.float32, device=video.device)
                 spread[is_video] = value[0].float()
+                if name == WINDOW_ATTENTION and audio_attention is not None:
+                    spread[~is_video] = audio_attention.to(video.device)
                 signals.setdefault(name, {})[layer] = spread
         tokens = ImageTokens(features, positions, project=lambda x: x)
         return EncodedImage(tokens, VisionSignals(signals), n, lambda x: x, offsets, _in_order, n, offsets,
