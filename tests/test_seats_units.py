@@ -14,6 +14,11 @@ from tokenomy.reducers import seats
 
 # ---- reference transcriptions (NumPy / plain Python) ---------------------------------------------------------------
 
+def fixed_windows(length, window):
+    """baselines/utils.py get_window_idx_tensor: consecutive windows of `window` tokens, the last one shorter."""
+    return [(start, min(start + window, length)) for start in range(0, length, window)]
+
+
 def official_keep_ratios(target, enc, num_layers, drops, late_block_layer):
     """ratio_decay_scheduler.py `_solve_with_remove`: bisection (50 steps), ratios rounded to 4 decimals."""
     remove = min(late_block_layer - 1, num_layers)
@@ -205,7 +210,7 @@ def test_schedule_errors_name_the_option():
 def test_window_attention_received_equals_numpy():
     rng = np.random.default_rng(0)
     q, k = rng.normal(size=(2, 3, 10, 4)).astype(np.float32)
-    got = window_attention_received(torch.from_numpy(q), torch.from_numpy(k), seats.window_bounds(10, 4), scale=0.5)
+    got = window_attention_received(torch.from_numpy(q), torch.from_numpy(k), fixed_windows(10, 4), scale=0.5)
     want = np.zeros(10)
     for s in (0, 4, 8):
         logits = np.einsum("hqd,hkd->hqk", q[:, s:s + 4], k[:, s:s + 4]) * 0.5
@@ -223,7 +228,7 @@ def test_window_diversity_keep_equals_the_official_selection(ratio, window, weig
     features = rng.normal(size=(29, 16)).astype(np.float32)  # 29 = 3 full windows of 8 and a short one of 5
     weights = rng.uniform(0.1, 2.0, size=29).astype(np.float32) if weighted else None
     got = seats.window_diversity_keep(torch.from_numpy(features), None if weights is None else torch.from_numpy(weights),
-                                      seats.window_bounds(29, window), ratio)
+                                      fixed_windows(29, window), ratio)
     want = []
     for start in range(0, 29, window):
         end = min(start + window, 29)
@@ -240,9 +245,9 @@ def test_window_diversity_keep_is_window_local():
     """Changing one window's tokens never changes what another window keeps (window-local statistics only)."""
     torch.manual_seed(0)
     features, weights = torch.randn(24, 8), torch.rand(24)
-    before = seats.window_diversity_keep(features, weights, seats.window_bounds(24, 8), 0.4)
+    before = seats.window_diversity_keep(features, weights, fixed_windows(24, 8), 0.4)
     features[16:] = torch.randn(8, 8)
-    after = seats.window_diversity_keep(features, weights, seats.window_bounds(24, 8), 0.4)
+    after = seats.window_diversity_keep(features, weights, fixed_windows(24, 8), 0.4)
     assert before[before < 16].tolist() == after[after < 16].tolist()
 
 

@@ -100,11 +100,6 @@ def retention_schedule(target: float, num_layers: int, drop_layers, late_block_l
 
 # ---- Stage I (§5.2) -----------------------------------------------------------------------------------------------
 
-def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
-    """Consecutive [start, end) windows of `window` tokens; the last one may be shorter."""
-    return [(start, min(start + window, length)) for start in range(0, length, window)]
-
-
 def window_keep_count(size: int, ratio: float) -> int:
     return max(1, min(size, round(ratio * size)))
 
@@ -418,10 +413,10 @@ class SeatsInLLM(Reducer):
 
     def select(self, image: ImageTokens) -> Selection:
         video_schedule, audio_schedule = self.seats.schedules(self._num_layers)
-        if image.layer not in video_schedule.drop_layers:  # Stage III: only text goes on
-            return Selection.from_indices(image, torch.zeros(0, dtype=torch.long, device=image.features.device))
-        step = video_schedule.drop_layers.index(image.layer)
         video, audio = modality_masks(image)
+        if image.layer not in video_schedule.drop_layers:  # Stage III: only text goes on
+            return Selection.from_indices(image, torch.nonzero(text_only_keep(video, audio)).squeeze(1))
+        step = video_schedule.drop_layers.index(image.layer)
         keep = inner_llm_keep(image.signals[LAST_TEXT_ATTENTION_AFTER], video, audio, video_schedule.keep_ratios[step],
                               audio_schedule.keep_ratios[step], self.seats.temperature)
         return Selection.from_indices(image, torch.nonzero(keep).squeeze(1))
