@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tokenomy.errors import InputError
-from tokenomy.eval import tasks, video
+from tokenomy import io as video
+from tokenomy.eval import tasks
 
 N_FRAMES = 16
 

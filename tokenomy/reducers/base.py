@@ -48,8 +48,11 @@ TEXT_LLM_KEYS = "text_llm_keys"
 # LAST_TEXT_ATTENTION computed instead with the step layer's own input norm and q/k, on the hidden states entering it
 # before the step (PyramidDrop scores a stage with the layer it is about to prune for); [N].
 STEP_LAYER_LAST_TEXT_ATTENTION = "step_layer_last_text_attention"
+# The last prompt token's row again, but from layer-1's OUTPUT through layer-1's own input norm and q/k: the relevance
+# SEATS' Stage II computes (reducers.md §5.3 step 1; reusing that layer's weights on its output is the official code's).
+LAST_TEXT_ATTENTION_AFTER = "last_text_attention_after"
 LLM_SIGNALS = (LAST_TEXT_ATTENTION, MEAN_TEXT_ATTENTION, LAST_TEXT_VALUE_SIMILARITY, LLM_VALUES, LLM_KEYS, TEXT_LLM_KEYS,
-               STEP_LAYER_LAST_TEXT_ATTENTION)
+               STEP_LAYER_LAST_TEXT_ATTENTION, LAST_TEXT_ATTENTION_AFTER)
 
 # ImageTokens.context keys. Post-projector site: the LLM input embeddings of the sample's own prompt text (the
 # user's words, no chat template, no image tokens), [n_text, D]. LLM site: the current hidden states of the sample's
@@ -217,6 +220,11 @@ class Reducer(ABC):
     def multi_rotary(self, text_config):
         """Under the multi policy: a callable (rotary_emb, hidden, position_ids [..., L, m]) -> (cos, sin)."""
         return None
+
+    def expand(self, family: str) -> list:
+        """The stages this reducer runs as, once a model family is known (a method acting at several sites returns
+        one stage per site, in site order). Called once when a Pipeline loads."""
+        return [self]
 
     # ---- the decision --------------------------------------------------------------------------------------------
     def budget(self, image: ImageTokens) -> int:

@@ -19,7 +19,8 @@ CLS_ATTENTION = "cls_attention"  # [B, N] head-averaged softmax row of the CLS q
 MEAN_QUERY_ATTENTION = "mean_query_attention"  # [B, N] same with the mean of all queries as the query
 VALUES = "values"  # [B, N, head_dim] head-averaged value vectors of the patches
 CLS_VALUE_SIMILARITY = "cls_value_similarity"  # [B, N] head-averaged softmax(v_cls . v_j) row (FlowCut), patch part
-SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY)
+WINDOW_ATTENTION = "window_attention"  # [B, N] attention each patch receives inside its window of 2 frames (SEATS I)
+SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY, WINDOW_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class VisionEncoder:
     """Base of the encoder wrappers. Subclasses implement `_embed`, `_layers`, `_qkv` and `_run_layer`."""
 
     has_cls: bool = True
+    has_frames: bool = False  # whether patches belong to video frames (the window_attention signal)
 
     @property
     def num_layers(self) -> int:
@@ -159,6 +161,8 @@ class VisionEncoder:
             out[MEAN_QUERY_ATTENTION] = attention_row(q.mean(dim=2), k, scale)[:, first:]
         if VALUES in wanted:
             out[VALUES] = v[:, :, first:].float().mean(dim=1)
+        if WINDOW_ATTENTION in wanted and not self.has_frames:
+            raise InputError(f"{type(self).__name__} has no frames to window; {WINDOW_ATTENTION!r} needs a Qwen ViT")
         return out
 
     @torch.no_grad()

@@ -11,7 +11,8 @@ import torch
 
 from tokenomy.errors import InputError
 from tokenomy.ops.attention import apply_rotary
-from tokenomy.vision.base import EncoderState, VisionEncoder, VisionOutput, grid_positions
+from tokenomy.ops.window_attention import window_attention_received
+from tokenomy.vision.base import WINDOW_ATTENTION, EncoderState, VisionEncoder, VisionOutput, grid_positions
 
 
 def _rotate(x, cos, sin):
@@ -24,6 +25,8 @@ def is_qwen_vit(model) -> bool:
 
 class QwenViTEncoder(VisionEncoder):
     has_cls = False
+    has_frames = True
+    frames_per_window = 2  # SEATS' grid_in_window: temporal grids whose patches share a window_attention window
 
     def __init__(self, visual):
         self.visual = visual
@@ -39,7 +42,11 @@ class QwenViTEncoder(VisionEncoder):
         block = self.visual.blocks[layer_index]
         attn = block.attn
         tokens = hidden[0]
-        q, k, v = attn.qkv(block.norm1(tokens)).reshape(tokens.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        normed = block.norm1(tokens)
+        if hasattr(attn, "qkv"):
+            q, k, v = attn.qkv(normed).reshape(tokens.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        else:  # Qwen2.5-Omni's ViT projects q, k and v separately
+            q, k, v = (project(normed).reshape(tokens.shape[0], attn.num_heads, -1) for project in (attn.q, attn.k, attn.v))
         cos, sin = (part.unsqueeze(-2).float() for part in self._position_embeddings)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         return q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn.scaling
@@ -63,6 +70,7 @@ class QwenViTEncoder(VisionEncoder):
         hidden = visual.patch_embed(pixel_values.type(visual.dtype))
         length = hidden.shape[0]
         units = torch.arange(length // unit, device=hidden.device)  # merged-raster unit held at each unit slot
+        units_per_frame = int(grid_thw[0, 1] * grid_thw[0, 2]) // unit  # frames are contiguous in raster and window order
         window_of_unit = torch.zeros_like(units)
         position_embeddings = visual.rotary_pos_emb(hidden, position_ids)
         if self.windowed:
@@ -81,13 +89,14 @@ class QwenViTEncoder(VisionEncoder):
         wanted_by_layer = request.resolve(self.num_layers)
         signals = {name: {} for name in wanted_by_layer}
         for index, block in enumerate(visual.blocks):
+            self._frame_of_patch = (units // units_per_frame).repeat_interleave(unit)
             wanted = {name for name, layers in wanted_by_layer.items() if index in layers}
             layer_signals = {name: self._per_llm_token(value[0])[None] for name, value in
                              (self._signals(index, hidden[None], wanted) if wanted else {}).items()}
             for name, value in layer_signals.items():
                 signals[name][index] = (value, units)
             full = not self.windowed or index in visual.fullatt_block_indexes
-            seqlens = self._seqlens(full, window_of_unit, hidden)
+            seqlens = self._seqlens(units // units_per_frame if full else window_of_unit, hidden)
             hidden = block(hidden, cu_seqlens=seqlens, max_seqlen=int(seqlens.diff().max()), position_embeddings=position_embeddings)
             for hook in hooks:
                 state = hook(EncoderState(index, hidden.reshape(1, -1, unit * hidden.shape[-1]), units[None], layer_signals))
@@ -112,12 +121,22 @@ class QwenViTEncoder(VisionEncoder):
         }
         return VisionOutput(tokens=unit_features[raster][None], cls=None, grid=grid[final], patch_index=final[None], signals=out_signals)
 
-    def _seqlens(self, full: bool, window_of_unit: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """cu_seqlens of the current patches: one sequence for a full-attention block, else one per non-empty window."""
+    def _signals(self, layer_index: int, hidden: torch.Tensor, wanted: set) -> dict:
+        out = super()._signals(layer_index, hidden, wanted - {WINDOW_ATTENTION})
+        if WINDOW_ATTENTION in wanted:
+            # Frames are contiguous in raster and window order, so each window is one run of patches.
+            q, k, _, scale = self._qkv(layer_index, hidden)
+            window = self._frame_of_patch // self.frames_per_window
+            change = (torch.nonzero(window[1:] != window[:-1]).squeeze(1) + 1).tolist()
+            bounds = list(zip([0, *change], [*change, len(window)]))
+            out[WINDOW_ATTENTION] = window_attention_received(q[0], k[0], bounds, scale)[None]
+        return out
+
+    def _seqlens(self, group_of_unit: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """cu_seqlens of the current patches: one sequence per run of units of one group, the frame for a
+        full-attention block (a video's frames attend apart, as transformers' cu_seqlens say), else the window."""
         unit = self.merge ** 2
-        if full:
-            return torch.tensor([0, hidden.shape[0]], dtype=torch.int32, device=hidden.device)
-        counts = torch.unique_consecutive(window_of_unit, return_counts=True)[1] * unit
+        counts = torch.unique_consecutive(group_of_unit, return_counts=True)[1] * unit
         return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
     def _per_llm_token(self, value):

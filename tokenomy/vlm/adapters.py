@@ -6,6 +6,7 @@ reduced image out as the LLM reads it, and tells where the LLM, its decoder laye
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +15,8 @@ import torch
 
 from tokenomy.errors import InputError, ModelLoadError
 from tokenomy.reducers.base import ImageTokens, PositionPolicy
-from tokenomy.vision.base import SignalRequest, grid_positions, layers_to_run
+from tokenomy.ops.window_attention import window_attention_received
+from tokenomy.vision.base import WINDOW_ATTENTION, SignalRequest, grid_positions, layers_to_run
 from tokenomy.vision.hf import HFViTEncoder
 from tokenomy.vision.qwen_vit import QwenViTEncoder
 from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
@@ -41,6 +43,7 @@ class EncodedImage:
     layout: Callable
     num_tokens_in: int  # reducible tokens of the unreduced image
     index_of: Callable  # positions [..., 3] -> index among the unreduced image's reducible tokens (stats)
+    token_ids: tuple = ()  # placeholder ids its span is made of (a video's, or audio and video interleaved); () = image
 
 
 def _in_order(features, offsets):
@@ -89,17 +92,20 @@ class Adapter(ABC):
         return self.model.get_input_embeddings()(input_ids)
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def chat_text(self, prompt: str, num_images: int) -> str:
-        """The model's chat template around the user's prompt; '<image>' marks where each image goes."""
-        pieces = prompt.split("<image>")
+    supports_video = False
+    reads_audio = False  # whether a video's audio track is an input
+
+    def chat_text(self, prompt: str, num_images: int, num_videos: int = 0) -> str:
+        """The model's chat template around the user's prompt; '<image>' and '<video>' mark where each image and
+        video goes (without markers: the images, then the videos, then the text)."""
         content = []
-        if len(pieces) == 1:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        if "<image>" not in prompt and "<video>" not in prompt:
+            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
         else:
-            for index, piece in enumerate(pieces):
-                if index:
-                    content.append({"type": "image"})
-                if piece:
+            for piece in re.split(r"(<image>|<video>)", prompt):
+                if piece in ("<image>", "<video>"):
+                    content.append({"type": piece[1:-1]})
+                elif piece:
                     content.append({"type": "text", "text": piece})
         messages = [{"role": "user", "content": content}]
         if getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None):
@@ -107,10 +113,16 @@ class Adapter(ABC):
         image = getattr(self.processor, "image_token", "<image>")
         return "".join(image + "\n" if item["type"] == "image" else item["text"] for item in content)
 
-    def process(self, texts: list, images: list):
+    def process(self, texts: list, images: list, videos: list = ()):
+        """Processor inputs; videos are (frames uint8 [T, H, W, 3], audio or None, note) as tokenomy.io.video_clip gives."""
+        if videos and not self.supports_video:
+            raise InputError(f"{self.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni model, or "
+                             "pass a video's frames as images")
         kwargs = dict(text=texts, return_tensors="pt", padding=True)
         if images:
             kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = [frames for frames, _, _ in videos]
         self.tokenizer.padding_side = "left"
         return self.processor(**kwargs)
 
@@ -312,6 +324,7 @@ class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     default_policy = PositionPolicy.KEEP
     supported_policies = (PositionPolicy.KEEP, PositionPolicy.MULTI)
+    supports_video = True
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
@@ -328,29 +341,53 @@ class QwenVLAdapter(Adapter):
         return merger(units.reshape(-1, width))
 
     def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
-        grid_thw = batch["image_grid_thw"]
-        counts = grid_thw.prod(-1).tolist()
-        encoded, start = [], 0
-        for image, count in enumerate(counts):
-            t, h, w = grid_thw[image].tolist()
-            merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
-            hooks = ()
-            if encoder_stages:
-                hooks = (EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
-                                         False, image, records),)
-            out = self.vision.encode_image(batch["pixel_values"][start : start + count], grid_thw[image : image + 1], request, hooks)
-            start += count
-            tokens = ImageTokens(out.tokens[0], out.grid, project=self._project)
-            units = int(count) // self.vision.merge ** 2
-            offsets = _raster_offsets(merged_grid)
-            encoded.append(EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order,
-                                        units, offsets))
+        """Images and videos (a video is one item: its (t, h, w) grid of merged tokens), in the order they appear in
+        the batch's sequences, which is the order assembly fills placeholder spans in."""
+        pieces = {}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+            grid_thw = batch.get(grid_key)
+            pieces[kind] = [] if grid_thw is None else self._encode_grids(batch[pixels_key], grid_thw)
+        order = _sequence_order(batch["input_ids"], {"image": self.image_token_id, "video": self.video_token_id},
+                                {kind: [item[0] for item in items] for kind, items in pieces.items()})
+        encoded = []
+        for kind, number in order:
+            pixels, grid_thw = pieces[kind][number][1:]
+            encoded.append(self._encode_one(pixels, grid_thw, request, encoder_stages, requests, records, len(encoded),
+                                            () if kind == "image" else (self.video_token_id,)))
         return encoded
 
+    def _encode_grids(self, pixel_values, grid_thw):
+        """Per item: (placeholders, its patch rows, grid_thw [1, 3])."""
+        items, start = [], 0
+        for row in range(len(grid_thw)):
+            count = int(grid_thw[row].prod())
+            items.append((count // self.vision.merge ** 2, pixel_values[start : start + count], grid_thw[row : row + 1]))
+            start += count
+        return items
+
+    def _encode_one(self, pixels, grid_thw, request, encoder_stages, requests, records, item, token_ids):
+        t, h, w = grid_thw[0].tolist()
+        merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
+        hooks = ()
+        if encoder_stages:
+            hooks = (EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
+                                     False, item, records),)
+        out = self.vision.encode_image(pixels, grid_thw, request, hooks)
+        tokens = ImageTokens(out.tokens[0], out.grid, project=self._project)
+        units = t * merged_grid[1] * merged_grid[2]
+        offsets = _raster_offsets(merged_grid)
+        return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,
+                            token_ids)
+
+    @property
+    def video_token_id(self):
+        return int(self.model.config.video_token_id)
+
     def reference_positions(self, batch):
+        extra = {"second_per_grid_ts": batch["second_per_grid_ts"]} if "second_per_grid_ts" in batch else {}
         positions, _ = self.model.model.get_rope_index(
             batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-            attention_mask=batch["attention_mask"],
+            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"], **extra,
         )
         return positions
 
@@ -358,6 +395,185 @@ class QwenVLAdapter(Adapter):
         # Row 0 is the plain text position transformers uses to build the mask; rows 1..3 are the M-RoPE ids.
         text_row = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return torch.cat([text_row[None], positions], dim=0)
+
+
+def _sequence_order(input_ids, token_ids: dict, sizes: dict, also: dict | None = None) -> list:
+    """(kind, number within its kind) of every item, in the order their placeholder runs appear in the batch: a run of
+    one kind's token is that kind's next items, `sizes[kind][number]` placeholders each (counting the `also[kind]`
+    tokens interleaved with them: a video's audio)."""
+    cursor = {kind: 0 for kind in token_ids}
+    also = also or {}
+    order = []
+    for row in input_ids:
+        ids = row.tolist()
+        position = 0
+        while position < len(ids):
+            kind = next((k for k, token in token_ids.items() if ids[position] == token), None)
+            if kind is None:
+                position += 1
+                continue
+            if cursor[kind] >= len(sizes[kind]):
+                raise InputError(f"the prompts hold more {kind} placeholders than the {len(sizes[kind])} {kind}(s) given fill")
+            order.append((kind, cursor[kind]))
+            members, remaining = {token_ids[kind], also.get(kind)}, sizes[kind][cursor[kind]]
+            while remaining and position < len(ids):
+                remaining -= ids[position] in members
+                position += 1
+            cursor[kind] += 1
+    for kind, count in cursor.items():
+        if count != len(sizes[kind]):
+            raise InputError(f"the prompts hold placeholders for {count} {kind}(s) but {len(sizes[kind])} were given")
+    return order
+
+
+AUDIO_FRAMES_PER_SECOND = 50  # Qwen2.5-Omni's audio encoder frames after its convolutions
+AUDIO_WINDOW_SECONDS = 2  # SEATS' sec_in_audio_window: the window of the audio window_attention signal
+
+
+class QwenOmniThinkerAdapter(QwenVLAdapter):
+    """Qwen2.5-Omni's thinker: Qwen2.5-VL's ViT and merger, a Whisper-like audio encoder, an M-RoPE LLM with TMRoPE.
+
+    A video with an audio track is one item: its video and audio tokens interleaved per 2-second chunk, as the
+    processor lays them out (`use_audio_in_video`). Its tokens reach the sites already in LLM width (video after the
+    merger, audio after the audio encoder's projection), in sequence order; positions are (t, h, w) in the merged
+    video grid for video tokens and (j, -1, -1) for the j-th audio token. A video without audio is a plain video item.
+    The window_attention signal covers both: the ViT's last block for video, the audio encoder's last layer (windows
+    of 2 s, pooled over frame pairs as the encoder pools) for audio.
+    Encoder-site stages are not supported on Omni models yet.
+    """
+
+    family = "qwen2.5-omni"
+    reads_audio = True
+
+    def process(self, texts, images, videos=()):
+        heard = [audio is not None for _, audio, _ in videos]
+        if any(heard) and not all(heard):
+            raise InputError("in one batch, either every video has an audio track or none has (use_audio_in_video is one "
+                             "setting per batch in transformers); run them in separate batches")
+        kwargs = dict(text=texts, return_tensors="pt", padding=True)
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = [frames for frames, _, _ in videos]
+        if any(heard):
+            kwargs.update(audio=[audio for _, audio, _ in videos], audio_from_video_indices=list(range(len(videos))),
+                          load_audio_from_video=True)
+        self.tokenizer.padding_side = "left"
+        batch = self.processor(**kwargs)
+        batch["use_audio_in_video"] = any(heard)
+        return batch
+
+    @property
+    def audio_token_id(self):
+        return int(self.model.config.audio_token_id)
+
+    def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
+        if encoder_stages:
+            raise InputError("encoder-site reducers are not supported on Qwen2.5-Omni models yet")
+        interleaved = bool(batch.get("use_audio_in_video"))
+        audio = self._audio_features(batch, WINDOW_ATTENTION in request.layers) if interleaved else []
+        pieces = {}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+            grid_thw = batch.get(grid_key)
+            pieces[kind] = [] if grid_thw is None else self._encode_grids(batch[pixels_key], grid_thw)
+        sizes = {"image": [item[0] for item in pieces["image"]],
+                 "video": [item[0] + (len(audio[n][0]) if interleaved else 0) for n, item in enumerate(pieces["video"])]}
+        ids = {"image": self.image_token_id, "video": self.video_token_id}
+        order = _sequence_order(batch["input_ids"], ids, sizes, also={"video": self.audio_token_id} if interleaved else None)
+        encoded, spans = [], self._video_spans(batch["input_ids"]) if interleaved else None
+        for kind, number in order:
+            pixels, grid_thw = pieces[kind][number][1:]
+            if kind == "video" and interleaved:
+                encoded.append(self._encode_interleaved(pixels, grid_thw, *audio[number], spans[number], request))
+            else:
+                encoded.append(self._encode_one(pixels, grid_thw, request, (), requests, records, len(encoded),
+                                                () if kind == "image" else (self.video_token_id,)))
+        return encoded
+
+    def _audio_features(self, batch, window_attention: bool) -> list:
+        """Per audio track (= per video, in order): (its LLM-width tokens [n, d], and when asked the attention each
+        token received inside its 2-second window of the audio encoder's last layer [n], else None)."""
+        thinker = self.model.model
+        tower = thinker.audio_tower
+        captured = {}
+        last = tower.layers[-1].self_attn
+        handle = last.register_forward_pre_hook(
+            lambda module, args, kwargs: captured.update(hidden=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        try:
+            features = thinker.get_audio_features(batch["input_features"], batch["feature_attention_mask"], return_dict=True)
+        finally:
+            handle.remove()
+        frames, lengths = tower._get_feat_extract_output_lengths(batch["feature_attention_mask"].sum(-1))
+        tokens = torch.split(features.last_hidden_state, lengths.tolist())
+        if not window_attention:
+            return [(track, None) for track in tokens]
+        hidden = captured["hidden"]
+        heads = last.num_heads
+        query = last.q_proj(hidden).reshape(len(hidden), heads, -1).transpose(0, 1)
+        keys = last.k_proj(hidden).reshape(len(hidden), heads, -1).transpose(0, 1)
+        out, start = [], 0
+        for track, count, pooled in zip(tokens, frames.tolist(), lengths.tolist()):
+            window = AUDIO_WINDOW_SECONDS * AUDIO_FRAMES_PER_SECOND
+            bounds = [(s, min(s + window, count)) for s in range(0, count, window)]
+            received = window_attention_received(query[:, start:start + count], keys[:, start:start + count], bounds, last.scaling)
+            # The encoder pools frame pairs into one token (50 -> 25 per second); the statistic follows.
+            out.append((track, received[: 2 * pooled].view(pooled, 2).mean(-1)))
+            start += count
+        return out
+
+    def _video_spans(self, input_ids) -> list:
+        """Per video with audio, in batch order: is_video [n] over its interleaved placeholders, in sequence order."""
+        spans = []
+        for row in input_ids:
+            starts = torch.nonzero(row == int(self.model.config.audio_start_token_id)).squeeze(1)
+            ends = torch.nonzero(row == int(self.model.config.audio_end_token_id)).squeeze(1)
+            for start, end in zip(starts.tolist(), ends.tolist()):
+                spans.append(row[start + 1 : end] == self.video_token_id)
+        return spans
+
+    def _encode_interleaved(self, pixels, grid_thw, audio, audio_attention, is_video, request):
+        t, h, w = grid_thw[0].tolist()
+        merged = (t, h // self.vision.merge, w // self.vision.merge)
+        out = self.vision.encode_image(pixels, grid_thw, request, ())
+        video = self._project(out.tokens[0])
+        n = len(is_video)
+        features = video.new_zeros(n, video.shape[-1])
+        features[is_video] = video
+        features[~is_video] = audio.to(video.dtype)
+        positions = torch.full((n, 3), -1, dtype=torch.long, device=video.device)
+        positions[is_video] = out.grid.to(video.device)
+        positions[~is_video, 0] = torch.arange(len(audio), device=video.device)
+        video_offset = torch.full((merged[0] * merged[1] * merged[2],), -1, dtype=torch.long, device=video.device)
+        video_offset[_raster_offsets(merged)(out.grid.to(video.device))] = torch.nonzero(is_video).squeeze(1)
+        audio_offset = torch.nonzero(~is_video).squeeze(1)
+
+        def offsets(where):
+            heard = where[..., 1] < 0
+            raster = _raster_offsets(merged)(where.clamp(min=0))
+            return torch.where(heard, audio_offset.to(where.device)[where[..., 0].clamp(max=len(audio_offset) - 1)],
+                               video_offset.to(where.device)[raster.clamp(max=len(video_offset) - 1)])
+
+        # Vision signals cover the video tokens; audio tokens hold the audio encoder's window attention for that
+        # signal and NaN (no statistic) for the others.
+        signals = {}
+        for name, by_layer in out.signals.items():
+            for layer, value in by_layer.items():
+                spread = torch.full((n, *value.shape[2:]), float("nan"), dtype=torch.float32, device=video.device)
+                spread[is_video] = value[0].float()
+                if name == WINDOW_ATTENTION and audio_attention is not None:
+                    spread[~is_video] = audio_attention.to(video.device)
+                signals.setdefault(name, {})[layer] = spread
+        tokens = ImageTokens(features, positions, project=lambda x: x)
+        return EncodedImage(tokens, VisionSignals(signals), n, lambda x: x, offsets, _in_order, n, offsets,
+                            (self.video_token_id, self.audio_token_id))
+
+    def reference_positions(self, batch):
+        lengths = batch["feature_attention_mask"].sum(-1) if "feature_attention_mask" in batch else None
+        positions, _ = self.model.model.get_rope_index(
+            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch["attention_mask"],
+            bool(batch.get("use_audio_in_video")), lengths, batch.get("video_second_per_grid"),
+        )
+        return positions
 
 
 class ComposedAdapter(LlavaAdapter):
@@ -385,6 +601,7 @@ ADAPTERS = {
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
+    "Qwen2_5OmniThinkerForConditionalGeneration": QwenOmniThinkerAdapter,
 }
 
 

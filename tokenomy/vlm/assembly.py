@@ -26,11 +26,14 @@ class LLMInputs:
     multi_position_ids: Optional[torch.Tensor] = None  # [B, L', m] or [3, B, L', m] under the multi policy
 
 
-def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list) -> list:
-    """Per image (in batch order): (sample index, LongTensor of its placeholder positions)."""
+def image_spans(input_ids: torch.Tensor, image_token_id, counts: list) -> list:
+    """Per image (in batch order): (sample index, LongTensor of its placeholder positions). `image_token_id`: one id,
+    or several when images and videos (or audio) fill placeholders in the order the items come."""
+    ids = torch.as_tensor(sorted(image_token_id) if isinstance(image_token_id, (set, frozenset)) else [image_token_id],
+                          device=input_ids.device)
     spans, image = [], 0
     for sample, row in enumerate(input_ids):
-        positions = torch.nonzero(row == image_token_id).squeeze(1)
+        positions = torch.nonzero(torch.isin(row, ids)).squeeze(1)
         start = 0
         while start < len(positions):
             if image >= len(counts):
@@ -62,7 +65,9 @@ def assemble(adapter, batch, encoded: list, final_tokens: list, policy: Position
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     reference = adapter.reference_positions(batch)
     embeds = adapter.embed(input_ids)
-    spans = image_spans(input_ids, adapter.image_token_id, [image.num_placeholders for image in encoded])
+    token_ids = {adapter.image_token_id} | {token for image in encoded for token in image.token_ids}
+    spans = image_spans(input_ids, token_ids if len(token_ids) > 1 else adapter.image_token_id,
+                        [image.num_placeholders for image in encoded])
     by_sample = {}
     for image, tokens, (sample, span) in zip(encoded, final_tokens, spans):
         by_sample.setdefault(sample, []).append((image, tokens, span))

@@ -22,6 +22,7 @@ from tokenomy.ops.attention import apply_rotary
 from tokenomy.reducers.base import (
     FINAL_NORM,
     LAST_TEXT_ATTENTION,
+    LAST_TEXT_ATTENTION_AFTER,
     LAST_TEXT_VALUE_SIMILARITY,
     LLM_KEYS,
     LLM_VALUES,
@@ -78,6 +79,8 @@ def _padded(rows: list, device, fill: int = -1) -> torch.Tensor:
 
 def _positions_in(layout: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """For one sample: where each original index of `wanted` sits in `layout` (a padded row of original indices)."""
+    if wanted.numel() == 0:  # an image a stage removed whole (SEATS Stage III)
+        return wanted.to(device=layout.device, dtype=torch.long)
     lookup = torch.full((int(max(layout.max(), wanted.max())) + 1,), -1, dtype=torch.long, device=layout.device)
     valid = layout >= 0
     lookup[layout[valid]] = torch.nonzero(valid).squeeze(1)
@@ -116,7 +119,8 @@ class LLMRun:
         if self.steps:
             for index, layer in enumerate(self.layers):
                 self.handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
-            for layer in sorted({step.layer - 1 for step in self.steps if set(step.signals) - {STEP_LAYER_LAST_TEXT_ATTENTION}}):
+            for layer in sorted({step.layer - 1 for step in self.steps
+                                 if set(step.signals) - {STEP_LAYER_LAST_TEXT_ATTENTION, LAST_TEXT_ATTENTION_AFTER}}):
                 self.handles.append(self.layers[layer].self_attn.register_forward_pre_hook(self._signal_hook(layer), with_kwargs=True))
         if self.multi_rotary is not None:
             self.handles.append(self.adapter.language_model.rotary_emb.register_forward_hook(self._rotary_hook, with_kwargs=True))
@@ -231,6 +235,18 @@ class LLMRun:
         tail = layout_row[after:]
         return after + torch.nonzero((tail >= 0) & (tail < self.prompt_length)).squeeze(1)
 
+    def _signals_after(self, index, hidden, layout):
+        """LAST_TEXT_ATTENTION_AFTER for a step before `index`: layer index-1's norm and q/k on its own output."""
+        source = self.layers[index - 1]
+        gather = layout.clamp(min=0)
+        cos, sin = self.full_cos_sin
+        cos, sin = _gather_rows(cos, gather, cos.dim() - 2), _gather_rows(sin, gather, sin.dim() - 2)
+        rows = self._compute_signals(source.self_attn, source.input_layernorm(hidden), cos, sin, {LAST_TEXT_ATTENTION})
+        merged = self.signals.setdefault(index - 1, [[{} for _ in state.images] for state in self.samples])
+        for sample_rows, sample_merged in zip(rows, merged):
+            for image_rows, image_merged in zip(sample_rows, sample_merged):
+                image_merged[LAST_TEXT_ATTENTION_AFTER] = image_rows[LAST_TEXT_ATTENTION]
+
     # ---- the layer hook -------------------------------------------------------------------------------------------
     def _layer_hook(self, index):
         def hook(module, args, kwargs):
@@ -260,6 +276,8 @@ class LLMRun:
             self.layout = self._layout(device)
         previous = self.layout
         steps = [(number, step) for number, step in enumerate(self.steps) if step.layer == index]
+        if any(LAST_TEXT_ATTENTION_AFTER in step.signals for _, step in steps):
+            self._signals_after(index, hidden, previous)
         if steps:
             if any(STEP_LAYER_LAST_TEXT_ATTENTION in step.signals for _, step in steps):
                 self._step_layer_signals(index, hidden, previous)

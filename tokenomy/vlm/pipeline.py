@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from tokenomy.errors import InputError, UnknownNameError
-from tokenomy.io import load_image
+from tokenomy.io import load_image, video_clip
 from tokenomy.reducers.base import INSTRUCTION_EMBEDDINGS, LLM_SIGNALS, ImageTokens, PositionPolicy, Site
-from tokenomy.reducers.plan import build_plan
+from tokenomy.reducers.plan import Plan, build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
 from tokenomy.vlm.adapters import ADAPTERS, adapter_for
 from tokenomy.vlm.assembly import assemble
@@ -74,9 +74,11 @@ class Pipeline:
     def __init__(self, model, processor, reducer, name="model", position_policy=None):
         self.model = model
         self.processor = processor
-        self.plan = build_plan(reducer)
         self.name = name
         self.adapter = adapter_for(model, processor)
+        plan = build_plan(reducer)
+        stages = [part for stage in plan.stages for part in stage.expand(self.adapter.family)]
+        self.plan = plan if stages == plan.stages else Plan(stages, plan.spec)
         self.position_policy = self._policy(position_policy)
         self._check_plan()
 
@@ -142,35 +144,45 @@ class Pipeline:
         return self.adapter.text_config
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def _normalise(self, images, prompts):
+    def _normalise(self, images, prompts, videos=None):
+        """(prompts, images per prompt, videos per prompt). A video is a file path (read by tokenomy.io.load_video)
+        or a uint8 [T, H, W, 3] RGB frame array (or {"frames": ..., "audio": ...}); a prompt's entry is one video or a
+        list of them. Models that hear (Qwen2.5-Omni) read a file's audio track with it."""
         if isinstance(prompts, str):
-            prompts, images = [prompts], [images]
+            prompts, images, videos = [prompts], [images], [videos]
         if images is None:
             images = [None] * len(prompts)
-        if len(images) != len(prompts):
-            raise InputError(f"got {len(prompts)} prompts but {len(images)} image entries; give one entry per prompt")
-        per_prompt = []
-        for index, (prompt, entry) in enumerate(zip(prompts, images)):
+        if videos is None:
+            videos = [None] * len(prompts)
+        for kind, given in (("image", images), ("video", videos)):
+            if len(given) != len(prompts):
+                raise InputError(f"got {len(prompts)} prompts but {len(given)} {kind} entries; give one entry per prompt")
+        per_prompt, videos_per_prompt = [], []
+        for index, (prompt, entry, clips) in enumerate(zip(prompts, images, videos)):
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {index} must be a string, got {type(prompt).__name__}")
             entry = [] if entry is None else entry if isinstance(entry, (list, tuple)) else [entry]
-            placeholders = prompt.count("<image>")
-            if placeholders and placeholders != len(entry):
-                raise InputError(f"prompt {index} has {placeholders} '<image>' placeholders but {len(entry)} images")
+            clips = [] if clips is None else list(clips) if isinstance(clips, (list, tuple)) else [clips]
+            for marker, given, kind in (("<image>", entry, "images"), ("<video>", clips, "videos")):
+                placeholders = prompt.count(marker)
+                if placeholders and placeholders != len(given):
+                    raise InputError(f"prompt {index} has {placeholders} '{marker}' placeholders but {len(given)} {kind}")
             self._refuse_reserved_tokens(index, prompt)
             per_prompt.append([load_image(image) for image in entry])
-        return prompts, per_prompt
+            videos_per_prompt.append([video_clip(clip, with_audio=self.adapter.reads_audio) for clip in clips])
+        return prompts, per_prompt, videos_per_prompt
 
     def _refuse_reserved_tokens(self, index, prompt):
         """The model's own image/video tokens in a user's text would be read as placeholders; '<image>' is ours."""
         config = self.model.config
         reserved = {getattr(config, name, None) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                               "vision_end_token_id")} - {None}
-        ids = self.adapter.tokenizer(prompt.replace("<image>", " "), add_special_tokens=False)["input_ids"]
+        ids = self.adapter.tokenizer(prompt.replace("<image>", " ").replace("<video>", " "), add_special_tokens=False)["input_ids"]
         found = sorted(set(ids) & reserved)
         if found:
             names = self.adapter.tokenizer.convert_ids_to_tokens(found)
-            raise InputError(f"prompt {index} contains the model's reserved token(s) {names}; mark images with '<image>'")
+            raise InputError(f"prompt {index} contains the model's reserved token(s) {names}; mark images with '<image>' and "
+                             "videos with '<video>'")
 
     def _check_lengths(self, inputs, max_new_tokens):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -187,21 +199,23 @@ class Pipeline:
                     f"prefill tokens + max_new_tokens={max_new_tokens}), beyond this model's {limit}; shorten the prompt"
                 )
 
-    def prepare(self, images, prompts):
+    def prepare(self, images, prompts, videos=None):
         """Process, encode, run the vision-site stages and assemble. Returns (llm_kwargs, context, info)."""
-        prompts, per_prompt = self._normalise(images, prompts)
-        texts = [self.adapter.chat_text(p, len(imgs)) for p, imgs in zip(prompts, per_prompt)]
+        prompts, per_prompt, videos_per_prompt = self._normalise(images, prompts, videos)
+        texts = [self.adapter.chat_text(p, len(imgs), len(clips)) for p, imgs, clips in zip(prompts, per_prompt, videos_per_prompt)]
         flat_images = [image for imgs in per_prompt for image in imgs]
-        batch = self.adapter.process(texts, flat_images).to(self.device)
+        flat_videos = [clip for clips in videos_per_prompt for clip in clips]
+        batch = self.adapter.process(texts, flat_images, flat_videos).to(self.device)
         vision = self.adapter.vision
         num_layers, feature = vision.num_layers, self.adapter.layers_run - 1
         records = {id(stage): StageRecord(stage.name, stage.site) for stage in self.plan.stages}
         encoded, final = [], []
-        if flat_images:
+        if flat_images or flat_videos:
             requests = [stage.vision_request(num_layers, feature) for stage in self.plan.stages if stage.site is not Site.LLM]
             encoder_stages = self.plan.at(Site.ENCODER)
             encoded = self.adapter.encode_images(batch, union_request(requests), encoder_stages, self._encoder_requests, records)
-            contexts = self._post_projector_contexts(prompts, per_prompt)
+            items_per_prompt = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
+            contexts = self._post_projector_contexts(prompts, items_per_prompt)
             for index, image in enumerate(encoded):
                 tokens = run_vision_stages(self.plan.at(Site.PRE_PROJECTOR), image.tokens, image.signals, num_layers, feature, index, records)
                 tokens = ImageTokens(image.project(tokens.features), tokens.positions, sources=tokens.sources, context=contexts[index])
@@ -214,18 +228,22 @@ class Pipeline:
             attention_mask=inputs.attention_mask,
             position_ids=self.adapter.llm_position_ids(inputs.position_ids, inputs.attention_mask),
         )
-        context = self.llm_context(inputs, records if flat_images else None)
-        info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=per_prompt, records=records)
+        context = self.llm_context(inputs, records if encoded else None)
+        # Stats count a prompt's images and videos together, in the order they were encoded.
+        items = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
+        audio = [[note for _, _, note in clips] for clips in videos_per_prompt]
+        info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=items, records=records, audio=audio)
         return llm_kwargs, context, info
 
-    def _post_projector_contexts(self, prompts, per_prompt) -> list:
-        """Per image, what the post-projector site knows of its sample's prompt: the LLM input embeddings of the
-        user's own words (chat template and image markers left out, so the instruction is all it holds)."""
+    def _post_projector_contexts(self, prompts, items_per_prompt) -> list:
+        """Per image or video, what the post-projector site knows of its sample's prompt: the LLM input embeddings of
+        the user's own words (chat template and media markers left out, so the instruction is all it holds)."""
         if not self.plan.at(Site.POST_PROJECTOR):
-            return [{} for images in per_prompt for _ in images]
+            return [{} for items in items_per_prompt for _ in items]
         contexts = []
-        for prompt, images in zip(prompts, per_prompt):
-            ids = self.adapter.tokenizer(prompt.replace("<image>", " "), add_special_tokens=False)["input_ids"]
+        for prompt, images in zip(prompts, items_per_prompt):
+            text = prompt.replace("<image>", " ").replace("<video>", " ")
+            ids = self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 embeddings = self.adapter.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
             contexts.extend({INSTRUCTION_EMBEDDINGS: embeddings} for _ in images)
@@ -241,18 +259,19 @@ class Pipeline:
 
     # ---- running --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images, prompts):
+    def forward(self, images, prompts, videos=None):
         """Prefill logits [B, L', vocab] of the reduced sequence (left-padded)."""
-        llm_kwargs, context, info = self.prepare(images, prompts)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos)
         self._check_lengths(info["inputs"], 1)
         with context:
             return self.model(**llm_kwargs, use_cache=True).logits
 
     @torch.no_grad()
-    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, **generate_kwargs) -> list:
+    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, videos=None, **generate_kwargs) -> list:
+        """videos: per prompt a video or a list of them ('<video>' in the prompt marks where each goes)."""
         timer = _ForwardTimer(self.model)
         start = timer.now()
-        llm_kwargs, context, info = self.prepare(images, prompts)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos)
         self._check_lengths(info["inputs"], max_new_tokens)
         timer.prepare_ms = (timer.now() - start) * 1e3
         tokenizer = self.adapter.tokenizer
@@ -291,9 +310,12 @@ class Pipeline:
                 visual_tokens_in=visual_in,
                 visual_tokens_kept=per_layer[-1] if per_layer else entered,
                 visual_tokens_per_layer=per_layer,
+                # What SEATS budgets count: the visual tokens each LLM layer reads, averaged, over those that came in.
+                layer_averaged_retention=sum(per_layer) / (len(per_layer) * visual_in) if per_layer and visual_in else 1.0,
                 prefill_tokens=int(inputs.attention_mask[sample].sum()),
                 kept_indices=kept_indices,
                 stages=[records[id(stage)].summary(image_ids) for stage in self.plan.stages],
+                video_audio=info["audio"][sample],
                 new_tokens=len(new_tokens),
                 prepare_ms=timer.prepare_ms,
                 prefill_ms=timer.prepare_ms + timer.prefill_ms,

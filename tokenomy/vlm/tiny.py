@@ -32,6 +32,7 @@ QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -172,6 +173,59 @@ def build_tiny_qwen2_5_vl():
     return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tokenizer)
 
 
+OMNI_TOKENS = {
+    "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+}
+
+OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif item['type'] == 'video' %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2_5_omni():
+    """The Qwen2.5-Omni thinker (text out; no talker): a Qwen2.5-VL-like ViT, a Whisper-like audio encoder and a
+    4-layer M-RoPE LLM, with an offline processor (Whisper features, 2 video frames per temporal grid at fps 2)."""
+    from transformers import (
+        Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor, WhisperFeatureExtractor,
+    )
+
+    tokenizer = byte_tokenizer(OMNI_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(OMNI_TOKENS.values())}, replace_extra_special_tokens=False)
+    tokenizer._set_model_specific_special_tokens(special_tokens=OMNI_TOKENS)  # the processor reads tokenizer.audio_token etc.
+    assert len(tokenizer) <= VOCAB_SIZE
+    convert = tokenizer.convert_tokens_to_ids
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=_text_config("qwen2_5_omni_text", rope_parameters=rope, **_ids(tokenizer)),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                           tokens_per_second=25, in_channels=3),
+        audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, num_mel_bins=128,
+                          n_window=50, output_dim=32, max_source_positions=1500),
+        image_token_id=convert("<|IMAGE|>"), video_token_id=convert("<|VIDEO|>"), audio_token_id=convert("<|AUDIO|>"),
+        vision_start_token_id=convert("<|vision_bos|>"), vision_end_token_id=convert("<|vision_eos|>"),
+        audio_start_token_id=convert("<|audio_bos|>"), audio_end_token_id=convert("<|audio_eos|>"), **_ids(tokenizer),
+    )
+    torch.manual_seed(SEED)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    processor = Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
+        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer, chat_template=OMNI_CHAT_TEMPLATE,
+    )
+    processor.videos_kwargs = {}  # the class default resizes videos to 128..768 x 28^2 px a frame; keep them tiny
+    return model, processor
+
+
 REFERENCE_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -197,6 +251,7 @@ BUILDERS = {
     "tiny-llava-next": build_tiny_llava_next,
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
     "tiny-qwen2.5-vl": build_tiny_qwen2_5_vl,
+    "tiny-qwen2.5-omni": build_tiny_qwen2_5_omni,
     "ref-llava": _reference_model("ref-llava"),
     "ref-qwen": _reference_model("ref-qwen"),
 }

@@ -22,7 +22,7 @@ from PIL import Image
 from tokenomy.eval.choices import mcq_extract_letter
 from tokenomy.eval.tasks.base import Task, as_str_id, mean_percent
 from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
-from tokenomy.eval.video import load_video
+from tokenomy.io import load_video
 
 PROMPT_HEAD = ("Select the best answer to the following multiple-choice question based on the video. "
                "Respond with only the letter (A, B, C, or D) of the correct option.")
@@ -61,7 +61,7 @@ class VideoMME(Task):
         return None
 
     def media(self, doc: dict) -> list[Image.Image]:
-        frames, _, _ = load_video(doc["video"], self.n_frames)
+        frames, _, _ = load_video(doc["video"], n_frames=self.n_frames)
         return [Image.fromarray(frame) for frame in frames]
 
     def prompt(self, doc: dict) -> str:
