@@ -5,6 +5,7 @@ from tokenomy.errors import ModelLoadError
 from tokenomy.vision.base import (
     CLS_ATTENTION,
     CLS_VALUE_SIMILARITY,
+    KEYS,
     MEAN_QUERY_ATTENTION,
     SIGNAL_NAMES,
     VALUES,
@@ -57,6 +58,7 @@ def wrap_encoder(model) -> VisionEncoder:
 __all__ = [
     "CLS_ATTENTION",
     "CLS_VALUE_SIMILARITY",
+    "KEYS",
     "MEAN_QUERY_ATTENTION",
     "SIGNAL_NAMES",
     "VALUES",

@@ -19,7 +19,8 @@ CLS_ATTENTION = "cls_attention"  # [B, N] head-averaged softmax row of the CLS q
 MEAN_QUERY_ATTENTION = "mean_query_attention"  # [B, N] same with the mean of all queries as the query
 VALUES = "values"  # [B, N, head_dim] head-averaged value vectors of the patches
 CLS_VALUE_SIMILARITY = "cls_value_similarity"  # [B, N] head-averaged softmax(v_cls . v_j) row (FlowCut), patch part
-SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY)
+KEYS = "keys"  # [B, N, head_dim] head-averaged key vectors of the patches (VisionZip, PruMerge+, ToMe's merge metric)
+SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY, KEYS)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,8 @@ class VisionEncoder:
             out[MEAN_QUERY_ATTENTION] = attention_row(q.mean(dim=2), k, scale)[:, first:]
         if VALUES in wanted:
             out[VALUES] = v[:, :, first:].float().mean(dim=1)
+        if KEYS in wanted:
+            out[KEYS] = k[:, :, first:].float().mean(dim=1)
         return out
 
     @torch.no_grad()
@@ -202,6 +205,12 @@ class VisionEncoder:
                 state = hook(EncoderState(index, hidden, patch_index, layer_signals, sources))
                 if state is not None:
                     hidden, patch_index, sources = state.hidden, state.patch_index, state.sources
+        # Signals of the layer after the last one run read its input, the feature layer's output, without running it
+        # (PruMerge+ scores LLaVA's layer-22 tokens with layer 23's q/k).
+        wanted = {name for name, layers in wanted_by_layer.items() if run_layers in layers}
+        if wanted:
+            for name, value in self._signals(run_layers, hidden, wanted).items():
+                signals[name][run_layers] = (value, patch_index)
         hidden = self._finish(hidden, run_layers - 1)
         first = 1 if self.has_cls else 0
         pruned = patch_index.shape[1] != t * h * w or sources is not None

@@ -158,8 +158,13 @@ class Pipeline:
             if placeholders and placeholders != len(entry):
                 raise InputError(f"prompt {index} has {placeholders} '<image>' placeholders but {len(entry)} images")
             self._refuse_reserved_tokens(index, prompt)
-            per_prompt.append([load_image(image) for image in entry])
+            per_prompt.append([self._prepared(load_image(image)) for image in entry])
         return prompts, per_prompt
+
+    def _prepared(self, image):
+        for stage in self.plan.stages:
+            image = stage.prepare_image(image, self.processor)
+        return image
 
     def _refuse_reserved_tokens(self, index, prompt):
         """The model's own image/video tokens in a user's text would be read as placeholders; '<image>' is ours."""
