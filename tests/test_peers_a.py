@@ -15,7 +15,7 @@ from tests.test_composed_pipeline import folder  # noqa: F401  the composed-mode
 from tests.test_reduction_plans import PROMPTS, _load, check_plan
 from tokenomy.errors import InputError
 from tokenomy.reducers import ImageTokens, create
-from tokenomy.vision.base import CLS_ATTENTION, KEYS, grid_positions
+from tokenomy.vision.base import CLS_ATTENTION, CLS_OR_MEAN_ATTENTION, KEYS, grid_positions
 
 QWEN = ["tiny-qwen2-vl", "tiny-qwen2.5-vl"]
 CLS_FAMILIES = ["tiny-llava", "tiny-llava-next", "composed"]
@@ -27,6 +27,7 @@ def image_tokens(n=20, dim=6, key_dim=4, seed=0, h=4, w=5, **signals):
     attention = torch.tensor(rng.dirichlet(np.ones(n)), dtype=torch.float32)
     keys = torch.tensor(rng.randn(n, key_dim), dtype=torch.float32)
     signals = {CLS_ATTENTION: attention[None], KEYS: keys[None], **signals}
+    signals[CLS_OR_MEAN_ATTENTION] = signals[CLS_ATTENTION]  # what query="auto" reads on a tower with a CLS token
     return ImageTokens(features, grid_positions(1, h, w), signals)
 
 
@@ -187,9 +188,17 @@ def test_bad_options_are_refused_at_load(spec, options, message):
         tokenomy.load("tiny-llava", spec, keep=8, **options)
 
 
-def test_cls_reducers_on_qwen_without_query_mean_are_refused_at_load():
+def test_cls_reducers_on_qwen_asked_for_the_cls_row_are_refused_at_load():
     with pytest.raises(InputError, match="visionzip needs the CLS attention row"):
-        tokenomy.load("tiny-qwen2-vl", "visionzip", keep=8)
+        tokenomy.load("tiny-qwen2-vl", "visionzip", keep=8, query="cls")
+
+
+@pytest.mark.parametrize("family,same_as", [("tiny-llava", "cls"), ("tiny-qwen2-vl", "mean")])
+def test_query_auto_reads_the_cls_row_or_else_the_mean_query(family, same_as):
+    images = random_images(2)
+    kept = [[g.stats["kept_indices"] for g in tokenomy.load(family, spec, keep=5, query=query).generate(
+        images, PROMPTS[:2], max_new_tokens=1)] for spec in ("visionzip", "prumerge+") for query in ("auto", same_as)]
+    assert kept[0] == kept[1] and kept[2] == kept[3]
 
 
 def test_every_peer_has_a_description_and_a_paper():
@@ -207,8 +216,7 @@ CASES = [(spec, family) for spec in ("visionzip", "prumerge+") for family in CLS
 @pytest.mark.parametrize("spec,family", CASES)
 def test_peer_on_family(spec, family, folder):  # noqa: F811
     keep = 6
-    options = dict(query="mean") if family in QWEN and spec in ("visionzip", "prumerge+") else {}
-    pipeline = _load(family, folder, spec, keep=keep, **options)
+    pipeline = _load(family, folder, spec, keep=keep)
     generations = check_plan(pipeline)
     for g in generations:
         kept = [len(indices) for indices in g.stats["kept_indices"]]

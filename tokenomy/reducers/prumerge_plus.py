@@ -19,8 +19,8 @@ appends one extra token (the attention-weighted sum of all pruned tokens); a tok
 key-similar kept token among the clusters holding it; in none: dropped), and there is no extra token, so exactly
 `keep` tokens enter the LLM. The official attention treats the 1024-d q/k as a single head and its keys are the full
 1024-d projections; here the CLS row is head-averaged and the keys head-averaged (the signals every reducer reads,
-SDPA-safe). Towers without a CLS token (Qwen2-VL) use `query="mean"` (the mean-query row); the official code is
-LLaVA-1.5 only.
+SDPA-safe). Towers without a CLS token (Qwen2-VL) score with the mean-query row (the default `query="auto"`; `cls`
+insists on the CLS row); the official code is LLaVA-1.5 only.
 """
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ class PruMergePlus(Reducer):
     paper = "Shang et al., LLaVA-PruMerge, arXiv 2403.15388"
     site = Site.PRE_PROJECTOR
 
-    def __init__(self, keep=None, neighbours: int = 32, query: str = "cls"):
+    def __init__(self, keep=None, neighbours: int = 32, query: str = "auto"):
         super().__init__(keep=keep)
         if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
             raise InputError(f"prumerge+ neighbours must be an integer >= 1, got {neighbours!r}")

@@ -14,8 +14,9 @@ Differences, by design: the official 64 = 54 + 10 counts the CLS token among the
 the projector here never sees CLS, so `keep` counts patches only and D = keep - C with C = round(keep * 10/64) (64 ->
 54 + 10, 128 -> 108 + 20, 192 -> 162 + 30, the paper's splits). The CLS row comes from the layer's own q/k (SDPA
 stays on) instead of eager attention maps. On LLaVA-NeXT the budget covers the whole image (all crops' packed patches
-together), not each view. Towers without a CLS token (Qwen2-VL, SigLIP) use `query="mean"`: the mean-query row, as
-FlowCut does for Qwen; the official code has no such path.
+together), not each view. Towers without a CLS token (Qwen2-VL, SigLIP) score with the mean-query row instead (the
+default `query="auto"`; FlowCut does the same for Qwen); the official code has no such path. `query="cls"` insists on
+the CLS row (refused at load on such towers).
 """
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 from tokenomy.errors import InputError
 from tokenomy.reducers.base import Reducer, Selection, Site, top_k_sorted
 from tokenomy.reducers.registry import register
-from tokenomy.vision.base import CLS_ATTENTION, KEYS, MEAN_QUERY_ATTENTION, SignalRequest
+from tokenomy.vision.base import CLS_ATTENTION, CLS_OR_MEAN_ATTENTION, KEYS, MEAN_QUERY_ATTENTION, SignalRequest
 
-QUERIES = {"cls": CLS_ATTENTION, "mean": MEAN_QUERY_ATTENTION}
+# The attention row that scores tokens: "auto" reads the CLS row where the tower has a CLS token, else the mean query.
+QUERIES = {"auto": CLS_OR_MEAN_ATTENTION, "cls": CLS_ATTENTION, "mean": MEAN_QUERY_ATTENTION}
 
 
 @register("visionzip")
@@ -34,7 +36,7 @@ class VisionZip(Reducer):
     paper = "Yang et al., VisionZip, CVPR 2025 (arXiv 2412.04467)"
     site = Site.PRE_PROJECTOR
 
-    def __init__(self, keep=None, contextual_share: float = 10 / 64, query: str = "cls"):
+    def __init__(self, keep=None, contextual_share: float = 10 / 64, query: str = "auto"):
         super().__init__(keep=keep)
         if isinstance(contextual_share, bool) or not isinstance(contextual_share, (int, float)) or not 0 <= contextual_share < 1:
             raise InputError(f"visionzip contextual_share must be a number in [0, 1), got {contextual_share!r}")

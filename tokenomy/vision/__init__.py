@@ -4,6 +4,7 @@ from __future__ import annotations
 from tokenomy.errors import ModelLoadError
 from tokenomy.vision.base import (
     CLS_ATTENTION,
+    CLS_OR_MEAN_ATTENTION,
     CLS_VALUE_SIMILARITY,
     KEYS,
     MEAN_QUERY_ATTENTION,
@@ -57,6 +58,7 @@ def wrap_encoder(model) -> VisionEncoder:
 
 __all__ = [
     "CLS_ATTENTION",
+    "CLS_OR_MEAN_ATTENTION",
     "CLS_VALUE_SIMILARITY",
     "KEYS",
     "MEAN_QUERY_ATTENTION",

@@ -20,7 +20,8 @@ MEAN_QUERY_ATTENTION = "mean_query_attention"  # [B, N] same with the mean of al
 VALUES = "values"  # [B, N, head_dim] head-averaged value vectors of the patches
 CLS_VALUE_SIMILARITY = "cls_value_similarity"  # [B, N] head-averaged softmax(v_cls . v_j) row (FlowCut), patch part
 KEYS = "keys"  # [B, N, head_dim] head-averaged key vectors of the patches (VisionZip, PruMerge+, ToMe's merge metric)
-SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY, KEYS)
+CLS_OR_MEAN_ATTENTION = "cls_or_mean_attention"  # the CLS row on towers with a CLS token, else the mean-query row
+SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY, KEYS, CLS_OR_MEAN_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,9 @@ class VisionEncoder:
             out[CLS_VALUE_SIMILARITY] = attention_row(v[:, :, 0], v, 1.0)[:, first:]
         if MEAN_QUERY_ATTENTION in wanted:
             out[MEAN_QUERY_ATTENTION] = attention_row(q.mean(dim=2), k, scale)[:, first:]
+        if CLS_OR_MEAN_ATTENTION in wanted:
+            query = q[:, :, 0] if self.has_cls else q.mean(dim=2)
+            out[CLS_OR_MEAN_ATTENTION] = attention_row(query, k, scale)[:, first:]
         if VALUES in wanted:
             out[VALUES] = v[:, :, first:].float().mean(dim=1)
         if KEYS in wanted:
