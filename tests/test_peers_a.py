@@ -266,3 +266,12 @@ def test_downsample_image_makes_the_tokens_the_qwen_processor_allows(keep, token
     made = int(grid.prod()) // 4
     assert tokens[0] <= made <= tokens[1] and made == (small.width // 28) * (small.height // 28)
     assert abs(small.width / small.height - 1.5) < 0.5  # the aspect ratio is kept
+
+
+def test_downsample_never_exceeds_keep_on_a_very_wide_image():
+    from PIL import Image
+
+    from tokenomy.reducers.downsample import Downsample
+
+    small = Downsample(keep=4).prepare_image(Image.new("RGB", (2000, 20)), processor=None)
+    assert (small.width // 14) * (small.height // 14) <= 4

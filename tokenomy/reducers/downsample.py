@@ -53,7 +53,7 @@ class Downsample(Reducer):
         # Whole tokens per side, rounded down, so the processor's own rounding cannot exceed the budget; then grown,
         # keeping the aspect ratio, up to the processor's minimum, which it would otherwise enforce by rounding up.
         ideal_columns, ideal_rows = width * scale / side, height * scale / side
-        columns = max(1, int(ideal_columns))
+        columns = max(1, min(int(ideal_columns), self.keep))
         rows = max(1, min(int(ideal_rows), self.keep // columns))
         while rows * columns * side * side < min_pixels(processor):
             if columns / ideal_columns <= rows / ideal_rows:

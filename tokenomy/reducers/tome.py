@@ -16,7 +16,8 @@ attention is not size-aware; the CLS token is outside the reducible tokens, so A
 (ToMe's alternation starts at CLS). `tokenomy.kernels.tome.patch` remains the exact ToMe for a bare vision model
 (timm, open_clip, transformers CLIP) outside a VLM pipeline, e.g. classification throughput; it is not a reducer.
 
-Families: CLIP/SigLIP towers (LLaVA, LLaVA-NeXT per crop, composed models). Qwen's encoder keeps 2x2 merge units
+Families: CLIP/SigLIP towers (LLaVA, composed models; on LLaVA-NeXT the encoder site runs per crop, so `keep` is
+each crop's budget). Qwen's encoder keeps 2x2 merge units
 whole between blocks, so merging there is refused by the encoder with an InputError naming it.
 """
 import torch
