@@ -6,7 +6,8 @@ patch size). What that does depends on the processor, and the stats report the t
 - Qwen2-VL / Qwen2.5-VL keep the image's size within [min_pixels, max_pixels]: the smaller image makes fewer tokens,
   at most `keep` (each side is a whole number of tokens, rounded down) unless the processor's min_pixels needs more:
   then the grid grows, aspect kept, to the fewest tokens min_pixels allows (a processor with min_pixels =
-  max_pixels, like ref-qwen's, always makes its fixed count: less detail, same tokens);
+  max_pixels, like ref-qwen's, always makes its fixed count, and an image already at that size is left as it is:
+  there downsample changes nothing);
 - LLaVA-1.5 / composed models (CLIP processors) resize every image to a fixed size (336 px), so the image is scaled
   back up: it reduces the information in the image, NOT the number of tokens; LLaVA-NeXT picks fewer or smaller
   tiles only as its grid pinpoints allow. Use it there as a detail-reduction baseline, not as a token budget.
