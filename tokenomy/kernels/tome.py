@@ -21,6 +21,10 @@ re-exported here: ``tome.match``, ``tome.merge``, ``tome.unmerge``, ``tome.unmer
 checked, not clamped; see tokenomy/kernels/merge.py).
 
 Outputs keep the model's own pooling: the CLS token stays first; average pooling averages merged tokens.
+
+This patch is for a bare vision model (classification, retrieval throughput). Inside a VLM pipeline ToMe is the
+`tome` reducer (tokenomy/reducers/tome.py), which merges between encoder layers through the encoder site with
+the same matching and leaves the host model's blocks unpatched.
 Attention masks are not supported inside patched blocks (ViTs pass none); a mask raises InputError.
 """
 from __future__ import annotations

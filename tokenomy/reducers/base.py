@@ -101,14 +101,16 @@ class Selection:
 
     kept: [K] indices into the image's tokens, in the order they enter the next step; a merged token takes the slot of
     its kept index. merge_index (optional): [N], for every token the slot in `kept` it is merged into, or -1 if it is
-    dropped; merge_weight: [N] its weight in that slot's weighted mean (default 1). positions: [K, 3], or [K, m, 3]
-    under the multi policy, of the kept tokens.
+    dropped; merge_weight: [N] its weight in that slot's weighted mean (default 1). merge_sum: a slot is the weighted
+    sum of its members instead of their mean (VisionZip and PruMerge+ add neighbours onto a kept token unnormalised).
+    positions: [K, 3], or [K, m, 3] under the multi policy, of the kept tokens.
     """
 
     kept: torch.Tensor
     positions: torch.Tensor
     merge_index: Optional[torch.Tensor] = None
     merge_weight: Optional[torch.Tensor] = None
+    merge_sum: bool = False
 
     @property
     def num_kept(self) -> int:
@@ -143,13 +145,16 @@ class Selection:
         return self
 
     def weights(self, device) -> torch.Tensor:
-        """[K, N] matrix whose row k averages the tokens merged into slot k (needs a merge assignment)."""
+        """[K, N] matrix whose row k averages (or, with merge_sum, adds) the tokens merged into slot k (needs a merge
+        assignment)."""
         index = self.merge_index.to(device)
         n = index.shape[0]
         weight = self.merge_weight if self.merge_weight is not None else torch.ones(n)
         weight = weight.to(device, torch.float32) * (index >= 0)
         matrix = torch.zeros(self.num_kept, n, device=device)
         matrix[index.clamp(min=0), torch.arange(n, device=device)] = weight
+        if self.merge_sum:
+            return matrix
         return matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
@@ -225,6 +230,11 @@ class Reducer(ABC):
         """The stages this reducer runs as, once a model family is known (a method acting at several sites returns
         one stage per site, in site order). Called once when a Pipeline loads."""
         return [self]
+
+    def prepare_image(self, image, processor):
+        """The image the processor is given (a PIL image in, one out); `processor` is the model's. Identity unless a
+        reducer acts on pixels (downsample)."""
+        return image
 
     # ---- the decision --------------------------------------------------------------------------------------------
     def budget(self, image: ImageTokens) -> int:

@@ -1,6 +1,7 @@
 """Reduction plans: several reducers in one request, written as one spec string.
 
-Grammar (Python and CLI alike): stages joined by `+`; a stage is a registered name, optionally followed by `:` and
+Grammar (Python and CLI alike): stages joined by `+`; a stage is a registered name (one may end in `+`:
+`prumerge++fastv` is prumerge+ then fastv), optionally followed by `:` and
 `key=value` options joined by `,`. The call's `keep` sets the last stage's budget. Example: `vtc-cls:keep=32+fastv`
 with keep=16 keeps 32 tokens before the LLM and 16 after LLM layer 2. Stages run in site order (encoder,
 pre-projector, post-projector, LLM); a spec that orders them otherwise is refused.
@@ -15,7 +16,9 @@ from tokenomy.options import parse_value
 from tokenomy.reducers.base import SITE_ORDER, PositionPolicy, Reducer, Site
 from tokenomy.reducers.registry import create, registered
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\+?$")
+# A '+' joins two stages unless it ends a name ("prumerge+"): then a ':', another '+' or the end follows it.
+_STAGE_JOIN = re.compile(r"\+(?![:+]|\s*$)")
 
 
 def parse_spec(spec: str) -> list:
@@ -23,7 +26,7 @@ def parse_spec(spec: str) -> list:
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"reducer spec must be a non-empty string like 'vtc-cls:keep=64+fastv', got {spec!r}")
     stages = []
-    for text in spec.split("+"):
+    for text in _STAGE_JOIN.split(spec):
         name, _, option_text = text.strip().partition(":")
         name = name.strip()
         if not _NAME.match(name):

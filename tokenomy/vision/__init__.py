@@ -4,7 +4,9 @@ from __future__ import annotations
 from tokenomy.errors import ModelLoadError
 from tokenomy.vision.base import (
     CLS_ATTENTION,
+    CLS_OR_MEAN_ATTENTION,
     CLS_VALUE_SIMILARITY,
+    KEYS,
     MEAN_QUERY_ATTENTION,
     SIGNAL_NAMES,
     VALUES,
@@ -56,7 +58,9 @@ def wrap_encoder(model) -> VisionEncoder:
 
 __all__ = [
     "CLS_ATTENTION",
+    "CLS_OR_MEAN_ATTENTION",
     "CLS_VALUE_SIMILARITY",
+    "KEYS",
     "MEAN_QUERY_ATTENTION",
     "SIGNAL_NAMES",
     "VALUES",

@@ -20,7 +20,9 @@ MEAN_QUERY_ATTENTION = "mean_query_attention"  # [B, N] same with the mean of al
 VALUES = "values"  # [B, N, head_dim] head-averaged value vectors of the patches
 CLS_VALUE_SIMILARITY = "cls_value_similarity"  # [B, N] head-averaged softmax(v_cls . v_j) row (FlowCut), patch part
 WINDOW_ATTENTION = "window_attention"  # [B, N] attention each patch receives inside its window of 2 frames (SEATS I)
-SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY, WINDOW_ATTENTION)
+KEYS = "keys"  # [B, N, head_dim] head-averaged key vectors of the patches (VisionZip, PruMerge+, ToMe's merge metric)
+CLS_OR_MEAN_ATTENTION = "cls_or_mean_attention"  # the CLS row on towers with a CLS token, else the mean-query row
+SIGNAL_NAMES = (CLS_ATTENTION, MEAN_QUERY_ATTENTION, VALUES, CLS_VALUE_SIMILARITY, WINDOW_ATTENTION, KEYS, CLS_OR_MEAN_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -159,10 +161,15 @@ class VisionEncoder:
             out[CLS_VALUE_SIMILARITY] = attention_row(v[:, :, 0], v, 1.0)[:, first:]
         if MEAN_QUERY_ATTENTION in wanted:
             out[MEAN_QUERY_ATTENTION] = attention_row(q.mean(dim=2), k, scale)[:, first:]
+        if CLS_OR_MEAN_ATTENTION in wanted:
+            query = q[:, :, 0] if self.has_cls else q.mean(dim=2)
+            out[CLS_OR_MEAN_ATTENTION] = attention_row(query, k, scale)[:, first:]
         if VALUES in wanted:
             out[VALUES] = v[:, :, first:].float().mean(dim=1)
         if WINDOW_ATTENTION in wanted and not self.has_frames:
             raise InputError(f"{type(self).__name__} has no frames to window; {WINDOW_ATTENTION!r} needs a Qwen ViT")
+        if KEYS in wanted:
+            out[KEYS] = k[:, :, first:].float().mean(dim=1)
         return out
 
     @torch.no_grad()
@@ -206,6 +213,12 @@ class VisionEncoder:
                 state = hook(EncoderState(index, hidden, patch_index, layer_signals, sources))
                 if state is not None:
                     hidden, patch_index, sources = state.hidden, state.patch_index, state.sources
+        # Signals of the layer after the last one run read its input, the feature layer's output, without running it
+        # (PruMerge+ scores LLaVA's layer-22 tokens with layer 23's q/k).
+        wanted = {name for name, layers in wanted_by_layer.items() if run_layers in layers}
+        if wanted:
+            for name, value in self._signals(run_layers, hidden, wanted).items():
+                signals[name][run_layers] = (value, patch_index)
         hidden = self._finish(hidden, run_layers - 1)
         first = 1 if self.has_cls else 0
         pruned = patch_index.shape[1] != t * h * w or sources is not None

@@ -168,9 +168,14 @@ class Pipeline:
                 if placeholders and placeholders != len(given):
                     raise InputError(f"prompt {index} has {placeholders} '{marker}' placeholders but {len(given)} {kind}")
             self._refuse_reserved_tokens(index, prompt)
-            per_prompt.append([load_image(image) for image in entry])
+            per_prompt.append([self._prepared(load_image(image)) for image in entry])
             videos_per_prompt.append([video_clip(clip, with_audio=self.adapter.reads_audio) for clip in clips])
         return prompts, per_prompt, videos_per_prompt
+
+    def _prepared(self, image):
+        for stage in self.plan.stages:
+            image = stage.prepare_image(image, self.processor)
+        return image
 
     def _refuse_reserved_tokens(self, index, prompt):
         """The model's own image/video tokens in a user's text would be read as placeholders; '<image>' is ours."""
