@@ -299,6 +299,9 @@ def _window_bounds_of(ids: torch.Tensor) -> list[tuple[int, int]]:
 
 @register("seats")
 class Seats(Reducer):
+    description = ("omni-modal: diversity per audio/video window after the projector, relevance budgets at scheduled "
+                   "LLM layers, all audio/video gone before a late layer")
+    paper = "SEATS: Stage-adaptive Token Selection for Efficient Omni-modal LLMs, 2026, arXiv 2605.20035"
     """SEATS. Stage I acts after the projector (this stage); `expand` adds the LLM stage that runs Stage II at the
     drop layers and Stage III before the late layer, cutting earlier layers' caches each time.
 
