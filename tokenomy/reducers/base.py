@@ -200,6 +200,14 @@ class Reducer(ABC):
         """Under the multi policy: a callable (rotary_emb, hidden, position_ids [..., L, m]) -> (cos, sin)."""
         return None
 
+    def expand(self, family: str) -> list:
+        """The stages this reducer runs as on a model family ("llava", "llava-next", "qwen2-vl", "composed").
+
+        Called once when a Pipeline loads. A method that acts at several sites (FlowCut: inside the vision encoder,
+        then again inside the LLM on LLaVA-NeXT and Qwen) returns one reducer per site, in site order.
+        """
+        return [self]
+
     # ---- the decision --------------------------------------------------------------------------------------------
     def budget(self, image: ImageTokens) -> int:
         """Tokens to keep for this image: `keep`, or all of them when keep is None or not smaller."""

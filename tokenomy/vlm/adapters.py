@@ -334,13 +334,26 @@ class QwenVLAdapter(Adapter):
         for image, count in enumerate(counts):
             t, h, w = grid_thw[image].tolist()
             merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
-            hooks = ()
+            hooks, site_hook, last_units = (), None, {}
             if encoder_stages:
-                hooks = (EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
-                                         False, image, records),)
+                site_hook = EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
+                                            False, image, records)
+
+                def recording(state, site_hook=site_hook, last_units=last_units):
+                    result = site_hook(state)
+                    if result is not None:
+                        last_units["units"] = result.patch_index[0]
+                    return result
+
+                hooks = (recording,)
             out = self.vision.encode_image(batch["pixel_values"][start : start + count], grid_thw[image : image + 1], request, hooks)
             start += count
-            tokens = ImageTokens(out.tokens[0], out.grid, project=self._project)
+            positions = out.grid
+            if site_hook is not None and site_hook.positions is not None:
+                # The stages' positions follow the encoder's unit order (window order on Qwen2.5-VL); the tokens come
+                # out in merged-raster order, i.e. sorted by unit id. TRUE positions unless a stage says otherwise.
+                positions = site_hook.positions[torch.argsort(last_units["units"]).to(site_hook.positions.device)]
+            tokens = ImageTokens(out.tokens[0], positions, project=self._project)
             units = int(count) // self.vision.merge ** 2
             offsets = _raster_offsets(merged_grid)
             encoded.append(EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order,

@@ -12,7 +12,7 @@ import torch
 from tokenomy.errors import InputError, UnknownNameError
 from tokenomy.io import load_image
 from tokenomy.reducers.base import LLM_SIGNALS, ImageTokens, PositionPolicy, Site
-from tokenomy.reducers.plan import build_plan
+from tokenomy.reducers.plan import Plan, build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
 from tokenomy.vlm.adapters import ADAPTERS, adapter_for
 from tokenomy.vlm.assembly import assemble
@@ -74,9 +74,9 @@ class Pipeline:
     def __init__(self, model, processor, reducer, name="model", position_policy=None):
         self.model = model
         self.processor = processor
-        self.plan = build_plan(reducer)
         self.name = name
         self.adapter = adapter_for(model, processor)
+        self.plan = _expanded(build_plan(reducer), self.adapter.family)
         self.position_policy = self._policy(position_policy)
         self._check_plan()
 
@@ -288,6 +288,14 @@ class Pipeline:
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
             results.append(Generation(text=text, token_ids=new_tokens, stats=stats))
         return results
+
+
+def _expanded(plan: Plan, family: str) -> Plan:
+    """The plan with each stage replaced by the stages it runs as on this model family (`Reducer.expand`)."""
+    stages = [part for stage in plan.stages for part in stage.expand(family)]
+    if len(stages) == len(plan.stages) and all(a is b for a, b in zip(stages, plan.stages)):
+        return plan
+    return Plan(stages, plan.spec)
 
 
 def _as_list(value):
