@@ -253,3 +253,19 @@ def test_keep_all_equals_none(family):
     none = tokenomy.load(family, "none").forward(images, PROMPTS[:2])
     everything = tokenomy.load(family, "flowcut", keep=10_000).forward(images, PROMPTS[:2])
     assert everything.shape == none.shape and (everything - none).abs().max().item() <= 1e-5
+
+
+def test_clip_signals_read_the_layers_own_projections():
+    """The HF CLIP tower captures q/k/v from the layer's own attention: the same signals and output as recomputing."""
+    from tokenomy.vision.base import SIGNAL_NAMES
+
+    pipeline = tokenomy.load("tiny-llava", "none")
+    vision = pipeline.adapter.vision
+    hidden = vision._embed(torch.randn(2, 3, 56, 56))
+    with torch.no_grad():
+        output, qkv = vision._run_layer_capturing(0, hidden)
+        captured = vision._signals_from(*qkv, set(SIGNAL_NAMES))
+        recomputed = vision._signals(0, hidden, set(SIGNAL_NAMES))
+        assert torch.equal(output, vision._run_layer(0, hidden))
+    assert captured.keys() == recomputed.keys() == set(SIGNAL_NAMES)
+    assert all(torch.equal(captured[name], recomputed[name]) for name in SIGNAL_NAMES)
