@@ -44,7 +44,7 @@ def test_selection_matches_numpy_for_a_fixed_seed():
         kept = reducer.select(image).kept.tolist()
         # The reducer's noise: `samples` draws of [n, d] from a CPU generator seeded with `seed`.
         directions = torch.randn(samples, n, d, generator=torch.Generator().manual_seed(seed)).double().numpy()
-        expected, z = np_zeroth_order(x.double().numpy(), np_projector(weights), directions, k, mu, gamma)
+        expected, _ = np_zeroth_order(x.double().numpy(), np_projector(weights), directions, k, mu, gamma)
         assert kept == expected
         assert len(set(kept)) == k and kept == sorted(kept)
         assert kept != numpy_max_min(np_projector(weights)(x.double().numpy()), k), \
