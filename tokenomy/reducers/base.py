@@ -227,8 +227,11 @@ class Reducer(ABC):
         return None
 
     def expand(self, family: str) -> list:
-        """The stages this reducer runs as, once a model family is known (a method acting at several sites returns
-        one stage per site, in site order). Called once when a Pipeline loads."""
+        """The stages this reducer runs as on a model family ("llava", "llava-next", "qwen2-vl", "composed").
+
+        Called once when a Pipeline loads. A method that acts at several sites (FlowCut: inside the vision encoder,
+        then again inside the LLM on LLaVA-NeXT and Qwen) returns one reducer per site, in site order.
+        """
         return [self]
 
     def prepare_image(self, image, processor):

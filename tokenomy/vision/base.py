@@ -147,8 +147,15 @@ class VisionEncoder:
         """Post-processing applied to the feature layer's output (e.g. a final norm when the last layer is used)."""
         return hidden
 
+    def _run_layer_capturing(self, layer_index: int, hidden: torch.Tensor):
+        """Run the layer and return (output, its attention's (q, k, v, scale)), or None where the encoder cannot
+        capture them (the signals then recompute q/k/v with `_qkv`)."""
+        return None
+
     def _signals(self, layer_index: int, hidden: torch.Tensor, wanted: set) -> dict:
-        q, k, v, scale = self._qkv(layer_index, hidden)
+        return self._signals_from(*self._qkv(layer_index, hidden), wanted)
+
+    def _signals_from(self, q, k, v, scale, wanted: set) -> dict:
         first = 1 if self.has_cls else 0
         out = {}
         if CLS_ATTENTION in wanted:
@@ -205,10 +212,15 @@ class VisionEncoder:
         signals = {name: {} for name in wanted_by_layer}
         for index in range(run_layers):
             wanted = {name for name, layers in wanted_by_layer.items() if index in layers}
-            layer_signals = self._signals(index, hidden, wanted) if wanted else {}
+            captured = self._run_layer_capturing(index, hidden) if wanted else None
+            if captured is not None:
+                hidden, qkv = captured
+                layer_signals = self._signals_from(*qkv, wanted)
+            else:
+                layer_signals = self._signals(index, hidden, wanted) if wanted else {}
+                hidden = self._run_layer(index, hidden)
             for name, value in layer_signals.items():
                 signals[name][index] = (value, patch_index)
-            hidden = self._run_layer(index, hidden)
             for hook in hooks:
                 state = hook(EncoderState(index, hidden, patch_index, layer_signals, sources))
                 if state is not None:

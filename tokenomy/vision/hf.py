@@ -47,6 +47,22 @@ class HFViTEncoder(VisionEncoder):
     def _run_layer(self, layer_index, hidden):
         return self._layers()[layer_index](hidden, None)
 
+    def _run_layer_capturing(self, layer_index, hidden):
+        # The signals read the q/k/v the layer's own attention computes (the same LayerNorm and projections on the
+        # same input as `_qkv`), so asking for signals costs no second projection of every token.
+        attn = self._layers()[layer_index].self_attn
+        captured = {}
+        handles = [getattr(attn, f"{name}_proj").register_forward_hook(
+            lambda module, args, output, name=name: captured.__setitem__(name, output)) for name in "qkv"]
+        try:
+            output = self._run_layer(layer_index, hidden)
+        finally:
+            for handle in handles:
+                handle.remove()
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q, k, v = (captured[name].view(shape).transpose(1, 2) for name in "qkv")
+        return output, (q, k, v, attn.scale)
+
 
 def is_hf_vit(model) -> bool:
     inner = getattr(model, "vision_model", model)

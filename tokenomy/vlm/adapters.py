@@ -368,12 +368,25 @@ class QwenVLAdapter(Adapter):
     def _encode_one(self, pixels, grid_thw, request, encoder_stages, requests, records, item, token_ids):
         t, h, w = grid_thw[0].tolist()
         merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
-        hooks = ()
+        hooks, site_hook, last_units = (), None, {}
         if encoder_stages:
-            hooks = (EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
-                                     False, item, records),)
+            site_hook = EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
+                                        False, item, records)
+
+            def recording(state):
+                result = site_hook(state)
+                if result is not None:
+                    last_units["units"] = result.patch_index[0]
+                return result
+
+            hooks = (recording,)
         out = self.vision.encode_image(pixels, grid_thw, request, hooks)
-        tokens = ImageTokens(out.tokens[0], out.grid, project=self._project)
+        positions = out.grid
+        if site_hook is not None and site_hook.positions is not None:
+            # The stages' positions follow the encoder's unit order (window order on Qwen2.5-VL); the tokens come out
+            # in merged-raster order, i.e. sorted by unit id. TRUE positions unless a stage says otherwise.
+            positions = site_hook.positions[torch.argsort(last_units["units"]).to(site_hook.positions.device)]
+        tokens = ImageTokens(out.tokens[0], positions, project=self._project)
         units = t * merged_grid[1] * merged_grid[2]
         offsets = _raster_offsets(merged_grid)
         return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,

@@ -76,9 +76,7 @@ class Pipeline:
         self.processor = processor
         self.name = name
         self.adapter = adapter_for(model, processor)
-        plan = build_plan(reducer)
-        stages = [part for stage in plan.stages for part in stage.expand(self.adapter.family)]
-        self.plan = plan if stages == plan.stages else Plan(stages, plan.spec)
+        self.plan = _expanded(build_plan(reducer), self.adapter.family)
         self.position_policy = self._policy(position_policy)
         self._check_plan()
 
@@ -329,6 +327,14 @@ class Pipeline:
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
             results.append(Generation(text=text, token_ids=new_tokens, stats=stats))
         return results
+
+
+def _expanded(plan: Plan, family: str) -> Plan:
+    """The plan with each stage replaced by the stages it runs as on this model family (`Reducer.expand`)."""
+    stages = [part for stage in plan.stages for part in stage.expand(family)]
+    if len(stages) == len(plan.stages) and all(a is b for a, b in zip(stages, plan.stages)):
+        return plan
+    return Plan(stages, plan.spec)
 
 
 def _as_list(value):
