@@ -84,6 +84,9 @@ def prune_count(attention: torch.Tensor, remaining: int, target: int) -> int:
 
 @register("flowcut")
 class FlowCut(Reducer):
+    description = ("pruning inside the vision encoder by information flow (CLS attention + value similarity, x value "
+                   "norm), entropy-adaptive; a second step in the LLM on LLaVA-NeXT and Qwen")
+    paper = "Tong et al., FlowCut: Rethinking Redundancy via Information Flow for Efficient VLMs, NeurIPS 2025, arXiv 2505.19536"
     """The encoder stage of FlowCut (the LLM stage is `FlowCutLLM`; `expand` picks both per family)."""
 
     site = Site.ENCODER

@@ -50,6 +50,9 @@ def sensitivity(project, features: torch.Tensor, samples: int, mu_scale: float, 
 
 @register("zeroth-order")
 class ZerothOrder(Reducer):
+    description = ("projector sensitivity to Gaussian perturbations (forward passes only) x max-min diversity; "
+                   "a reconstruction, the official code is not public")
+    paper = "Training-Free Token Pruning via Zeroth-Order Gradient Estimation in VLMs (ZOO-Prune), CVPR 2026, arXiv 2509.24837"
     site = Site.PRE_PROJECTOR
 
     def __init__(self, keep=None, samples: int = 8, mu: float = 1e-2, gamma: float = 1.0, seed: int = 0):
