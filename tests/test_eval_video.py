@@ -1,38 +1,16 @@
 """Frame sampling (decord -> PyAV) on a tiny synthetic MP4, and the Video-MME task built on it."""
 import json
 
-import av
 import numpy as np
 import pytest
 
+from tests.media_fixtures import frame_ids as decoded_frame_ids
+from tests.media_fixtures import write_video as write_mp4
 from tokenomy.errors import InputError
 from tokenomy import io as video
 from tokenomy.eval import tasks
 
 N_FRAMES = 16
-
-
-def frame_value(i):
-    return 10 + 15 * i  # distinct grey level per frame, far apart enough to survive lossy coding
-
-
-def write_mp4(path, n_frames=N_FRAMES, size=32):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), frame_value(i), np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def decoded_frame_ids(frames):
-    return [int(round((frame.mean() - 10) / 15)) for frame in frames]
 
 
 @pytest.mark.parametrize("backend", ["decord", "av"])

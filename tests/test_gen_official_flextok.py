@@ -138,6 +138,41 @@ from tokenomy.tokenizers.flextok_official_decoder import load_flextok  # noqa: E
 DEC_DEPTH, FREQS, GRID = 2, 16, 4  # decoder depth, time-embedding frequencies, posemb table side (latent 8 -> 4 patches)
 
 
+def official_decoder_modules(t, *, channels, patch, dim, head_dim, depth, registers, levels, grid, freqs, size_sampling):
+    """The FlexTok decoder's module_dict as ml-flextok's configs write it (rectified-flow decoder over FSQ registers)."""
+    return {
+        "dec_from_latents": {"_target_": t + "preprocessors.linear.LinearLayer", "read_key": "quants", "write_key": "dec_quants", "dim_in": levels, "dim": dim},
+        "dec_registers_posemb_module": {"_target_": t + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_quants", "write_key": "dec_quants",
+                                        "dim": dim, "max_sizes": [registers], "posemb_type": "learnable_sum", "posemb_scaling": "absolute"},
+        "dec_nested_dropout": {"_target_": t + "preprocessors.token_dropout.MaskedNestedDropout", "read_write_key": "dec_quants", "dim": dim,
+                               "eval_keep_k_read_key": "eval_keep_k", "train_keep_k_write_key": "train_keep_k", "size_sampling_mode": size_sampling},
+        "dec_latent_dropout": {"_target_": t + "preprocessors.nullcond.LearnedNullCond", "read_write_key": "dec_quants", "dim": dim, "dropout_prob": 0.2},
+        "dec_noise_channels_to_last": {"_target_": t + "utils.dict_ops.PerSampleOp", "read_key": "noised_images", "write_key": "dec_noised_last",
+                                       "per_sample_op": {"_target_": t + "utils.dict_ops.channels_first_to_last", "_partial_": True}},
+        "dec_noise_patch_emb": {"_target_": t + "preprocessors.patching.PatchEmbedder", "input_tensor_list_read_key": "dec_noised_last",
+                                "patches_list_write_key": "dec_patches", "n_patches_write_key": "dec_n_patches", "patch_sizes": [patch, patch],
+                                "channels_in": channels, "dim": dim, "flatten_patches": False},
+        "dec_patches_posemb_module": {"_target_": t + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_patches", "write_key": "dec_patches",
+                                      "dim": dim, "max_sizes": [grid, grid], "posemb_type": "sincos"},
+        "dec_seq_packer": {"_target_": t + "preprocessors.flex_seq_packing.BlockWiseSequencePacker", "input_list_read_keys": ["dec_patches", "dec_quants"],
+                           "packed_seq_write_key": "dec_packed", "block_mask_write_key": "dec_mask", "inner_packed_shapes_write_key": "dec_ps_inner",
+                           "outer_packed_shapes_write_key": "dec_ps_outer", "mask_mode": "full", "pad_to_multiple": 128,
+                           "emb_packing_fn_write_key": "dec_emb_fn", "per_subseq_embs": True},
+        "dec_time_embedder": {"_target_": t + "preprocessors.time_embedding.TimestepEmbedder", "timesteps_read_key": "timesteps",
+                              "time_embedding_write_key": "dec_temb", "dim": dim, "frequency_embedding_size": freqs, "max_timestep": 1.0},
+        "dec_transformer": {"_target_": t + "trunks.transformers.FlexTransformer", "input_seq_read_key": "dec_packed", "output_seq_write_key": "dec_out",
+                            "dim": dim, "depth": depth, "head_dim": head_dim, "block_mask_read_key": "dec_mask", "adaLN_emb_read_key": "dec_temb",
+                            "adaLN_packing_fn_read_key": "dec_emb_fn", "adaLN_expansion": 2, "use_act_checkpoint": True},
+        "dec_unpacker": {"_target_": t + "postprocessors.seq_unpacking.SequenceUnpacker", "packed_seq_read_key": "dec_out",
+                         "inner_seq_write_keys": ["dec_patches_out", "dec_registers_out"], "inner_packed_shapes_read_key": "dec_ps_inner",
+                         "outer_packed_shapes_read_key": "dec_ps_outer"},
+        "dec_to_patches": {"_target_": t + "postprocessors.heads.ToPatchesLinearHead", "read_key": "dec_patches_out", "write_key": "dec_velocity_last",
+                           "dim": dim, "channels_out": channels, "patch_sizes": [patch, patch], "use_mup_readout": False, "adaLN_emb_read_key": "dec_temb"},
+        "dec_channels_to_first": {"_target_": t + "utils.dict_ops.PerSampleOp", "read_key": "dec_velocity_last", "write_key": "velocity",
+                                  "per_sample_op": {"_target_": t + "utils.dict_ops.channels_last_to_first", "_partial_": True}},
+    }
+
+
 def full_flextok_config(**overrides):
     """Encoder as above plus a decoder module_dict in the order and with the keys the official wrapper expects."""
     t = "flextok.model."
@@ -146,37 +181,8 @@ def full_flextok_config(**overrides):
     config["pipeline"] = {"_target_": "flextok.flow_matching.pipelines.MinRFPipeline", "_partial_": True,
                           "target_sizes_read_key": "vae_image_sizes", "latents_read_key": "quants", "timesteps_read_key": "timesteps",
                           "noised_images_read_key": "noised_images", "reconst_write_key": "velocity", "out_channels": C}
-    modules = {
-        "dec_from_latents": {"_target_": t + "preprocessors.linear.LinearLayer", "read_key": "quants", "write_key": "dec_quants", "dim_in": len(LEVELS), "dim": DIM},
-        "dec_registers_posemb_module": {"_target_": t + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_quants", "write_key": "dec_quants",
-                                        "dim": DIM, "max_sizes": [REGISTERS], "posemb_type": "learnable_sum", "posemb_scaling": "absolute"},
-        "dec_nested_dropout": {"_target_": t + "preprocessors.token_dropout.MaskedNestedDropout", "read_write_key": "dec_quants", "dim": DIM,
-                               "eval_keep_k_read_key": "eval_keep_k", "train_keep_k_write_key": "train_keep_k", "size_sampling_mode": "pow2"},
-        "dec_latent_dropout": {"_target_": t + "preprocessors.nullcond.LearnedNullCond", "read_write_key": "dec_quants", "dim": DIM, "dropout_prob": 0.2},
-        "dec_noise_channels_to_last": {"_target_": t + "utils.dict_ops.PerSampleOp", "read_key": "noised_images", "write_key": "dec_noised_last",
-                                       "per_sample_op": {"_target_": t + "utils.dict_ops.channels_first_to_last", "_partial_": True}},
-        "dec_noise_patch_emb": {"_target_": t + "preprocessors.patching.PatchEmbedder", "input_tensor_list_read_key": "dec_noised_last",
-                                "patches_list_write_key": "dec_patches", "n_patches_write_key": "dec_n_patches", "patch_sizes": [P, P],
-                                "channels_in": C, "dim": DIM, "flatten_patches": False},
-        "dec_patches_posemb_module": {"_target_": t + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_patches", "write_key": "dec_patches",
-                                      "dim": DIM, "max_sizes": [GRID, GRID], "posemb_type": "sincos"},
-        "dec_seq_packer": {"_target_": t + "preprocessors.flex_seq_packing.BlockWiseSequencePacker", "input_list_read_keys": ["dec_patches", "dec_quants"],
-                           "packed_seq_write_key": "dec_packed", "block_mask_write_key": "dec_mask", "inner_packed_shapes_write_key": "dec_ps_inner",
-                           "outer_packed_shapes_write_key": "dec_ps_outer", "mask_mode": "full", "pad_to_multiple": 128,
-                           "emb_packing_fn_write_key": "dec_emb_fn", "per_subseq_embs": True},
-        "dec_time_embedder": {"_target_": t + "preprocessors.time_embedding.TimestepEmbedder", "timesteps_read_key": "timesteps",
-                              "time_embedding_write_key": "dec_temb", "dim": DIM, "frequency_embedding_size": FREQS, "max_timestep": 1.0},
-        "dec_transformer": {"_target_": t + "trunks.transformers.FlexTransformer", "input_seq_read_key": "dec_packed", "output_seq_write_key": "dec_out",
-                            "dim": DIM, "depth": DEC_DEPTH, "head_dim": HEAD_DIM, "block_mask_read_key": "dec_mask", "adaLN_emb_read_key": "dec_temb",
-                            "adaLN_packing_fn_read_key": "dec_emb_fn", "adaLN_expansion": 2, "use_act_checkpoint": True},
-        "dec_unpacker": {"_target_": t + "postprocessors.seq_unpacking.SequenceUnpacker", "packed_seq_read_key": "dec_out",
-                         "inner_seq_write_keys": ["dec_patches_out", "dec_registers_out"], "inner_packed_shapes_read_key": "dec_ps_inner",
-                         "outer_packed_shapes_read_key": "dec_ps_outer"},
-        "dec_to_patches": {"_target_": t + "postprocessors.heads.ToPatchesLinearHead", "read_key": "dec_patches_out", "write_key": "dec_velocity_last",
-                           "dim": DIM, "channels_out": C, "patch_sizes": [P, P], "use_mup_readout": False, "adaLN_emb_read_key": "dec_temb"},
-        "dec_channels_to_first": {"_target_": t + "utils.dict_ops.PerSampleOp", "read_key": "dec_velocity_last", "write_key": "velocity",
-                                  "per_sample_op": {"_target_": t + "utils.dict_ops.channels_last_to_first", "_partial_": True}},
-    }
+    modules = official_decoder_modules(t, channels=C, patch=P, dim=DIM, head_dim=HEAD_DIM, depth=DEC_DEPTH, registers=REGISTERS,
+                                       levels=len(LEVELS), grid=GRID, freqs=FREQS, size_sampling="pow2")
     config["decoder"] = {"_target_": t + "utils.wrappers.SequentialModuleDictWrapper", "module_dict": modules}
     for name, changes in overrides.items():
         modules[name] = {**modules.get(name, {}), **changes}

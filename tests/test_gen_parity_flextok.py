@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tests.test_gen_official_flextok import official_decoder_modules
 from tests.test_gen_official_flextok import TINY_VAE
 from tokenomy.errors import ModelLoadError
 from tokenomy.tokenizers.flextok_official_decoder import load_flextok
@@ -62,38 +63,8 @@ def flextok_config(sample_posterior=False, head_norm=True):
         "enc_to_latents": {"_target_": T + "postprocessors.heads.LinearHead", "read_key": "enc_registers_out", "write_key": "enc_latents",
                            "dim": DIM, "dim_out": len(LEVELS), "use_mup_readout": False, **({} if head_norm else {"norm_layer": None})},
     }
-    decoder = {
-        "dec_from_latents": {"_target_": T + "preprocessors.linear.LinearLayer", "read_key": "quants", "write_key": "dec_quants",
-                             "dim_in": len(LEVELS), "dim": DIM},
-        "dec_registers_posemb_module": {"_target_": T + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_quants", "write_key": "dec_quants",
-                                        "dim": DIM, "max_sizes": [REGISTERS], "posemb_type": "learnable_sum", "posemb_scaling": "absolute"},
-        "dec_nested_dropout": {"_target_": T + "preprocessors.token_dropout.MaskedNestedDropout", "read_write_key": "dec_quants", "dim": DIM,
-                               "eval_keep_k_read_key": "eval_keep_k", "train_keep_k_write_key": "train_keep_k", "size_sampling_mode": "uniform"},
-        "dec_latent_dropout": {"_target_": T + "preprocessors.nullcond.LearnedNullCond", "read_write_key": "dec_quants", "dim": DIM, "dropout_prob": 0.2},
-        "dec_noise_channels_to_last": {"_target_": T + "utils.dict_ops.PerSampleOp", "read_key": "noised_images", "write_key": "dec_noised_last",
-                                       "per_sample_op": {"_target_": T + "utils.dict_ops.channels_first_to_last", "_partial_": True}},
-        "dec_noise_patch_emb": {"_target_": T + "preprocessors.patching.PatchEmbedder", "input_tensor_list_read_key": "dec_noised_last",
-                                "patches_list_write_key": "dec_patches", "n_patches_write_key": "dec_n_patches", "patch_sizes": [P, P],
-                                "channels_in": C, "dim": DIM, "flatten_patches": False},
-        "dec_patches_posemb_module": {"_target_": T + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_patches", "write_key": "dec_patches",
-                                      "dim": DIM, "max_sizes": [GRID, GRID], "posemb_type": "sincos"},
-        "dec_seq_packer": {"_target_": T + "preprocessors.flex_seq_packing.BlockWiseSequencePacker", "input_list_read_keys": ["dec_patches", "dec_quants"],
-                           "packed_seq_write_key": "dec_packed", "block_mask_write_key": "dec_mask", "inner_packed_shapes_write_key": "dec_ps_inner",
-                           "outer_packed_shapes_write_key": "dec_ps_outer", "mask_mode": "full", "pad_to_multiple": 128,
-                           "emb_packing_fn_write_key": "dec_emb_fn", "per_subseq_embs": True},
-        "dec_time_embedder": {"_target_": T + "preprocessors.time_embedding.TimestepEmbedder", "timesteps_read_key": "timesteps",
-                              "time_embedding_write_key": "dec_temb", "dim": DIM, "frequency_embedding_size": FREQS, "max_timestep": 1.0},
-        "dec_transformer": {"_target_": T + "trunks.transformers.FlexTransformer", "input_seq_read_key": "dec_packed", "output_seq_write_key": "dec_out",
-                            "dim": DIM, "depth": DEC_DEPTH, "head_dim": HEAD_DIM, "block_mask_read_key": "dec_mask", "adaLN_emb_read_key": "dec_temb",
-                            "adaLN_packing_fn_read_key": "dec_emb_fn", "adaLN_expansion": 2, "use_act_checkpoint": True},
-        "dec_unpacker": {"_target_": T + "postprocessors.seq_unpacking.SequenceUnpacker", "packed_seq_read_key": "dec_out",
-                         "inner_seq_write_keys": ["dec_patches_out", "dec_registers_out"], "inner_packed_shapes_read_key": "dec_ps_inner",
-                         "outer_packed_shapes_read_key": "dec_ps_outer"},
-        "dec_to_patches": {"_target_": T + "postprocessors.heads.ToPatchesLinearHead", "read_key": "dec_patches_out", "write_key": "dec_velocity_last",
-                           "dim": DIM, "channels_out": C, "patch_sizes": [P, P], "use_mup_readout": False, "adaLN_emb_read_key": "dec_temb"},
-        "dec_channels_to_first": {"_target_": T + "utils.dict_ops.PerSampleOp", "read_key": "dec_velocity_last", "write_key": "velocity",
-                                  "per_sample_op": {"_target_": T + "utils.dict_ops.channels_last_to_first", "_partial_": True}},
-    }
+    decoder = official_decoder_modules(T, channels=C, patch=P, dim=DIM, head_dim=HEAD_DIM, depth=DEC_DEPTH, registers=REGISTERS,
+                                       levels=len(LEVELS), grid=GRID, freqs=FREQS, size_sampling="uniform")
     wrapper = T + "utils.wrappers.SequentialModuleDictWrapper"
     return {
         "vae": {"_target_": "flextok.vae_wrapper.StableDiffusionVAE", "images_read_key": "rgb", "vae_latents_read_key": "vae_latents",

@@ -118,13 +118,17 @@ class Adapter(ABC):
         if videos and not self.supports_video:
             raise InputError(f"{self.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni model, or "
                              "pass a video's frames as images")
+        self.tokenizer.padding_side = "left"
+        return self.processor(**self._processor_kwargs(texts, images, videos))
+
+    @staticmethod
+    def _processor_kwargs(texts, images, videos) -> dict:
         kwargs = dict(text=texts, return_tensors="pt", padding=True)
         if images:
             kwargs["images"] = images
         if videos:
             kwargs["videos"] = [frames for frames, _, _ in videos]
-        self.tokenizer.padding_side = "left"
-        return self.processor(**kwargs)
+        return kwargs
 
     def reference_positions(self, batch) -> torch.Tensor:
         """Position ids of the unreduced sequence, as `generate` would build them: [B, L] (or [3, B, L] for M-RoPE)."""
@@ -463,11 +467,7 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         if any(heard) and not all(heard):
             raise InputError("in one batch, either every video has an audio track or none has (use_audio_in_video is one "
                              "setting per batch in transformers); run them in separate batches")
-        kwargs = dict(text=texts, return_tensors="pt", padding=True)
-        if images:
-            kwargs["images"] = images
-        if videos:
-            kwargs["videos"] = [frames for frames, _, _ in videos]
+        kwargs = self._processor_kwargs(texts, images, videos)
         if any(heard):
             kwargs.update(audio=[audio for _, audio, _ in videos], audio_from_video_indices=list(range(len(videos))),
                           load_audio_from_video=True)
