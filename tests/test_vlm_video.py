@@ -63,3 +63,22 @@ def test_video_errors_name_the_problem():
         qwen.generate(None, "<video> and <video>?", videos=random_video(0))
     with pytest.raises(InputError, match="uint8 \\[T, H, W, 3\\]"):
         qwen.generate(None, "<video>?", videos=np.zeros((4, 56, 56), np.uint8))
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_ppe_on_videos_clusters_each_super_frame_and_matches_singles(family):
+    """PPE end to end on videos: every merged token's members come from one super-frame (one t of the merged grid),
+    and a batch equals single runs."""
+    pipeline = tokenomy.load(family, "ppe:ppe_k=1,ratio=0.5")  # the tiny models' mrope_section carries K = 1
+    prompts = ["<video>What happens?", "Describe <video> please."]
+    videos = [random_video(4, frames=6), random_video(5, frames=4, height=84)]
+    together = pipeline.generate([None, None], prompts, max_new_tokens=3, videos=videos)
+    _, _, info = pipeline.prepare([None, None], prompts, videos)
+    for prompt, video, joint, tokens, encoded in zip(prompts, videos, together, info["final"], info["encoded"]):
+        (alone,) = pipeline.generate([None], [prompt], max_new_tokens=3, videos=[video])
+        assert alone.token_ids == joint.token_ids and alone.stats["kept_indices"] == joint.stats["kept_indices"]
+        frames = encoded.tokens.positions[:, 0]
+        per_frame = {int(t): int((frames == t).sum()) for t in frames.unique()}
+        assert len(per_frame) > 1, "a video of several super-frames"
+        merged = tokens.positions[:, 0] if tokens.positions.dim() == 2 else tokens.positions[:, 0, 0]
+        assert {int(t): int((merged == t).sum()) for t in merged.unique()} == {t: -(-n // 2) for t, n in per_frame.items()}
