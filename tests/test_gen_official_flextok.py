@@ -189,6 +189,20 @@ def full_flextok_config(**overrides):
     return config
 
 
+def official_decoder_embedding_state(r, d, *, channels, patch, dim, registers, levels, grid, freqs) -> dict:
+    """Random weights for the FlexTok decoder's modules around its transformer, under their official names."""
+    flat = channels * patch * patch
+    return {d + "dec_from_latents.proj.weight": r(dim, levels), d + "dec_from_latents.proj.bias": r(dim),
+            d + "dec_registers_posemb_module.posembs": r(1, 1, dim, registers),
+            d + "dec_nested_dropout.dropout_mask_token": r(dim), d + "dec_latent_dropout.nullcond": r(dim),
+            d + "dec_noise_patch_emb.patch_proj.weight": r(dim, flat), d + "dec_noise_patch_emb.patch_proj.bias": r(dim),
+            d + "dec_patches_posemb_module.posembs": r(1, dim, grid, grid),
+            d + "dec_time_embedder.mlp.0.weight": r(dim, freqs), d + "dec_time_embedder.mlp.0.bias": r(dim),
+            d + "dec_time_embedder.mlp.2.weight": r(dim, dim), d + "dec_time_embedder.mlp.2.bias": r(dim),
+            d + "dec_to_patches.adaLN_modulation.1.weight": r(2 * dim, dim), d + "dec_to_patches.adaLN_modulation.1.bias": r(2 * dim),
+            d + "dec_to_patches.proj.weight": r(flat, dim), d + "dec_to_patches.proj.bias": r(flat)}
+
+
 def official_full_state(seed=0):
     """Encoder state as above plus the decoder keys the official classes register (activation-checkpoint prefix kept)."""
     g = torch.Generator().manual_seed(seed + 100)
@@ -196,15 +210,8 @@ def official_full_state(seed=0):
     state = {k: v for k, v in official_state(seed).items() if not k.startswith("decoder.")}
     d = "decoder.module_dict."
     hidden = int(2 * 4 * DIM / 3)
-    state.update({d + "dec_from_latents.proj.weight": r(DIM, len(LEVELS)), d + "dec_from_latents.proj.bias": r(DIM),
-                  d + "dec_registers_posemb_module.posembs": r(1, 1, DIM, REGISTERS),
-                  d + "dec_nested_dropout.dropout_mask_token": r(DIM), d + "dec_latent_dropout.nullcond": r(DIM),
-                  d + "dec_noise_patch_emb.patch_proj.weight": r(DIM, C * P * P), d + "dec_noise_patch_emb.patch_proj.bias": r(DIM),
-                  d + "dec_patches_posemb_module.posembs": r(1, DIM, GRID, GRID),
-                  d + "dec_time_embedder.mlp.0.weight": r(DIM, FREQS), d + "dec_time_embedder.mlp.0.bias": r(DIM),
-                  d + "dec_time_embedder.mlp.2.weight": r(DIM, DIM), d + "dec_time_embedder.mlp.2.bias": r(DIM),
-                  d + "dec_to_patches.adaLN_modulation.1.weight": r(2 * DIM, DIM), d + "dec_to_patches.adaLN_modulation.1.bias": r(2 * DIM),
-                  d + "dec_to_patches.proj.weight": r(C * P * P, DIM), d + "dec_to_patches.proj.bias": r(C * P * P)})
+    state.update(official_decoder_embedding_state(r, d, channels=C, patch=P, dim=DIM, registers=REGISTERS,
+                                                  levels=len(LEVELS), grid=GRID, freqs=FREQS))
     for i in range(DEC_DEPTH):
         b = f"{d}dec_transformer.blocks.{i}._checkpoint_wrapped_module."
         state.update({b + f"attn.{p}.weight": r(DIM, DIM) for p in ("wq", "wk", "wv", "proj")})

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tests.test_gen_official_flextok import official_decoder_modules
+from tests.test_gen_official_flextok import official_decoder_embedding_state, official_decoder_modules
 from tests.test_gen_official_flextok import TINY_VAE
 from tokenomy.errors import ModelLoadError
 from tokenomy.tokenizers.flextok_official_decoder import load_flextok
@@ -104,15 +104,8 @@ def official_state(seed=0):
                   e + "enc_posemb_module.posembs": r(1, DIM, GRID, GRID), e + "enc_register_module.registers": r(REGISTERS, DIM),
                   e + "enc_to_latents.proj.weight": r(len(LEVELS), DIM), e + "enc_to_latents.proj.bias": r(len(LEVELS))})
     blocks(e + "enc_transformer", ENC_DEPTH, adaln=False, wrapped=False)
-    state.update({d + "dec_from_latents.proj.weight": r(DIM, len(LEVELS)), d + "dec_from_latents.proj.bias": r(DIM),
-                  d + "dec_registers_posemb_module.posembs": r(1, 1, DIM, REGISTERS),
-                  d + "dec_nested_dropout.dropout_mask_token": r(DIM), d + "dec_latent_dropout.nullcond": r(DIM),
-                  d + "dec_noise_patch_emb.patch_proj.weight": r(DIM, C * P * P), d + "dec_noise_patch_emb.patch_proj.bias": r(DIM),
-                  d + "dec_patches_posemb_module.posembs": r(1, DIM, GRID, GRID),
-                  d + "dec_time_embedder.mlp.0.weight": r(DIM, FREQS), d + "dec_time_embedder.mlp.0.bias": r(DIM),
-                  d + "dec_time_embedder.mlp.2.weight": r(DIM, DIM), d + "dec_time_embedder.mlp.2.bias": r(DIM),
-                  d + "dec_to_patches.adaLN_modulation.1.weight": r(2 * DIM, DIM), d + "dec_to_patches.adaLN_modulation.1.bias": r(2 * DIM),
-                  d + "dec_to_patches.proj.weight": r(C * P * P, DIM), d + "dec_to_patches.proj.bias": r(C * P * P)})
+    state.update(official_decoder_embedding_state(r, d, channels=C, patch=P, dim=DIM, registers=REGISTERS,
+                                                  levels=len(LEVELS), grid=GRID, freqs=FREQS))
     blocks(d + "dec_transformer", DEC_DEPTH, adaln=True, wrapped=True)
     return state
 

@@ -3,18 +3,13 @@
 Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
 anything imports triton); grids stay tiny because the interpreter is slow.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
 
 import tokenomy.kernels.dpc_knn as reference
 import tokenomy.kernels.dpc_knn_triton as fused
+from tests.test_kernels_compile import compile_check_spills
 from tokenomy.errors import ShapeError
 from tokenomy.kernels import dispatch
 
@@ -121,13 +116,7 @@ def test_dispatch_and_bad_inputs():
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(root / "tests" / "kernels_compile_check_dpc.py")], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    spills = json.loads(result.stdout)
+    spills = compile_check_spills("kernels_compile_check_dpc.py")
     assert set(spills) == {"distance", "density_1024", "parent_1024", f"density_{fused.MAX_TOKENS}",
                            f"parent_{fused.MAX_TOKENS}", "assign", "merge"}
     assert all(value == 0 for value in spills.values()), spills

@@ -175,12 +175,16 @@ class Pipeline:
             image = stage.prepare_image(image, self.processor)
         return image
 
+    def _user_token_ids(self, prompt) -> list:
+        """Token ids of the user's own words: no chat template, and tokenomy's media markers left out."""
+        return self.adapter.tokenizer(prompt.replace("<image>", " ").replace("<video>", " "), add_special_tokens=False)["input_ids"]
+
     def _refuse_reserved_tokens(self, index, prompt):
         """The model's own image/video tokens in a user's text would be read as placeholders; '<image>' is ours."""
         config = self.model.config
         reserved = {getattr(config, name, None) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                               "vision_end_token_id")} - {None}
-        ids = self.adapter.tokenizer(prompt.replace("<image>", " ").replace("<video>", " "), add_special_tokens=False)["input_ids"]
+        ids = self._user_token_ids(prompt)
         found = sorted(set(ids) & reserved)
         if found:
             names = self.adapter.tokenizer.convert_ids_to_tokens(found)
@@ -245,8 +249,7 @@ class Pipeline:
             return [{} for items in items_per_prompt for _ in items]
         contexts = []
         for prompt, images in zip(prompts, items_per_prompt):
-            text = prompt.replace("<image>", " ").replace("<video>", " ")
-            ids = self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self._user_token_ids(prompt)
             with torch.no_grad():
                 embeddings = self.adapter.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
             contexts.extend({INSTRUCTION_EMBEDDINGS: embeddings} for _ in images)

@@ -5,12 +5,12 @@ the sources each token holds, the signals asked for), and every step is recorded
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from tokenomy.errors import InputError
+from tokenomy.eval.efficiency import Timer
 from tokenomy.reducers.base import ImageTokens, Selection, Site
 from tokenomy.vision.base import EncoderState, SignalRequest
 
@@ -38,21 +38,17 @@ class StageRecord:
         )
 
 
-class Timed:
-    """Adds the wall time of a block to a record (CUDA-synchronised, so GPU work is counted where it happens)."""
+class Timed(Timer):
+    """The project's Timer (CUDA events on a GPU), adding each block's time to a stage's record."""
 
     def __init__(self, record: StageRecord, device):
-        self.record, self.cuda = record, torch.device(device).type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.start = time.perf_counter()
+        super().__init__(device)
+        self.record = record
 
     def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.record.seconds += time.perf_counter() - self.start
+        super().__exit__(*exc)
+        self.record.seconds += self.ms / 1e3
+        return False
 
 
 def select_checked(stage, tokens: ImageTokens) -> Selection:
