@@ -191,6 +191,9 @@ class Reducer(ABC):
     position_policy: Optional[PositionPolicy] = None  # a policy this reducer needs (multi for PPE); None: any
     cuts_caches: bool = False
     positions_per_token: int = 1  # m, under the multi policy
+    # False for reducers defined only over video/audio windows with their own budgets (seats): `make run` and other
+    # image benchmarks cross every reducer with `keep` budgets on images, and leave these out.
+    reduces_images: bool = True
 
     def __init__(self, keep: Optional[int] = None):
         if keep is not None:

@@ -28,9 +28,10 @@ def _discover() -> None:
             importlib.import_module(f"tokenomy.reducers.{info.name}")
 
 
-def available() -> list:
+def available(images: bool = False) -> list:
+    """Registered reducer names; images=True: only those that reduce image tokens to a `keep` budget."""
     _discover()
-    return sorted(_REGISTRY)
+    return sorted(name for name, cls in _REGISTRY.items() if cls.reduces_images or not images)
 
 
 def registered() -> dict:

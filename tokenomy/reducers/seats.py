@@ -316,6 +316,7 @@ class Seats(Reducer):
     """
 
     site = Site.POST_PROJECTOR
+    reduces_images = False
 
     def __init__(self, video: float = 0.3, audio: float = 0.65, drop_layers=None, late_block_layer: int | None = None,
                  encoder_scale: float = ENCODER_RATIO_SCALE, grid_in_window: int = 2, audio_window_seconds: int = 2,
