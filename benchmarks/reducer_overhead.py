@@ -118,7 +118,7 @@ def main():
     start = time.perf_counter()
     model, processor = build_model(shapes, args.device)
     build_s = time.perf_counter() - start
-    reducers = args.reducers.split(",") if args.reducers else [name for name in available() if name != "none"]
+    reducers = args.reducers.split(",") if args.reducers else [name for name in available(images=True) if name != "none"]
     plans = [("none", "none", None), ("truncation", FirstK(keep=args.keep), None)] + [(name, name, args.keep) for name in reducers]
     rows = []
     for batch in batches:
