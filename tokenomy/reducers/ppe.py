@@ -246,7 +246,9 @@ class PPECascade(PPE):
 
     def place(self, group, centres, assign, positions):
         """Each cluster sits in the slot of its last member and keeps that slot's K positions (and rotary rows)."""
-        last = torch.stack([group[assign == slot][-1] for slot in range(len(centres))])
+        order = torch.arange(len(assign), device=assign.device)
+        last_member = torch.full((len(centres),), -1, dtype=torch.long, device=assign.device)
+        last = group[last_member.scatter_reduce(0, assign, order, reduce="amax")]
         if self.positions == "paper":
             sets = torch.stack([round_robin(positions[group[assign == slot].to(positions.device)], self.ppe_k)
                                 for slot in range(len(centres))])

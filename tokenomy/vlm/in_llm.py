@@ -388,9 +388,15 @@ class LLMRun:
             valid = layout[sample] >= 0
             index[sample, valid] = _positions_in(previous[sample], layout[sample, valid])
         out = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        by_sample = {}
         for (sample, original), row in merged_rows.items():
-            if bool((layout[sample] == original).any()):  # a later step at the same layer may have dropped it
-                out[sample, _positions_in(layout[sample], torch.tensor([original], device=layout.device))] = row.to(out.dtype)
+            by_sample.setdefault(sample, []).append((original, row))
+        for sample, merged in by_sample.items():
+            originals = torch.tensor([original for original, _ in merged], dtype=torch.long, device=layout.device)
+            present = torch.isin(originals, layout[sample])  # a later step at the same layer may have dropped some
+            if bool(present.any()):
+                rows = torch.stack([row for _, row in merged])[present.to(merged[0][1].device)]
+                out[sample, _positions_in(layout[sample], originals[present])] = rows.to(out.dtype)
         return out
 
     def _cut_caches(self, before_layer):
