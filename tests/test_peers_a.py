@@ -229,10 +229,10 @@ def test_peer_on_family(spec, family, folder):  # noqa: F811
         assert g.stats["visual_tokens_per_layer"] == [sum(kept)] * len(pipeline.adapter.decoder_layers)
 
 
-def test_tome_on_qwen_is_refused_by_name():
-    pipeline = tokenomy.load("tiny-qwen2-vl", "tome", keep=6)
-    with pytest.raises(InputError, match="merging tokens between Qwen vision blocks"):
-        pipeline.generate(random_images(1), PROMPTS[:1], max_new_tokens=1)
+@pytest.mark.parametrize("family", QWEN)
+def test_tome_on_qwen_is_refused_at_load_by_name(family):
+    with pytest.raises(InputError, match="tome merges tokens between vision-encoder layers, which the QwenViTEncoder"):
+        tokenomy.load(family, "tome", keep=6)
 
 
 def test_downsample_makes_fewer_tokens_on_qwen_and_less_detail_on_llava():

@@ -194,6 +194,9 @@ class Reducer(ABC):
     # False for reducers defined only over video/audio windows with their own budgets (seats): `make run` and other
     # image benchmarks cross every reducer with `keep` budgets on images, and leave these out.
     reduces_images: bool = True
+    # True for encoder-site reducers whose selections merge tokens, so a model that cannot take merges between its
+    # vision layers refuses them at load rather than on the first image.
+    merges_in_encoder: bool = False
 
     def __init__(self, keep: Optional[int] = None):
         if keep is not None:

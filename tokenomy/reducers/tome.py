@@ -55,6 +55,7 @@ class ToMe(Reducer):
     description = "bipartite soft matching between vision-encoder layers (size-weighted merges of key-similar tokens)"
     paper = "Bolya et al., Token Merging: Your ViT but Faster, ICLR 2023 (arXiv 2210.09461)"
     site = Site.ENCODER
+    merges_in_encoder = True
 
     def encoder_layers(self, num_layers, feature_layer):
         self.last_layer = feature_layer

@@ -119,6 +119,8 @@ class VisionEncoder:
     """Base of the encoder wrappers. Subclasses implement `_embed`, `_layers`, `_qkv` and `_run_layer`."""
 
     has_cls: bool = True
+    # Whether encoder-site stages may merge tokens between layers (Qwen's ViT keeps its 2x2 merge units whole).
+    takes_encoder_merges: bool = True
     has_frames: bool = False  # whether patches belong to video frames (the window_attention signal)
 
     @property

@@ -26,6 +26,7 @@ def is_qwen_vit(model) -> bool:
 class QwenViTEncoder(VisionEncoder):
     has_cls = False
     has_frames = True
+    takes_encoder_merges = False
     frames_per_window = 2  # SEATS' grid_in_window: temporal grids whose patches share a window_attention window
 
     def __init__(self, visual):

@@ -107,6 +107,13 @@ class Pipeline:
         vision = self.adapter.vision
         num_layers, feature = vision.num_layers, self.adapter.layers_run - 1
         self._encoder_requests = encoder_requests(self.plan.at(Site.ENCODER), num_layers, self.adapter.layers_run)
+        for stage in self.plan.at(Site.ENCODER):
+            if stage.merges_in_encoder and not vision.takes_encoder_merges:
+                raise InputError(
+                    f"{stage.name} merges tokens between vision-encoder layers, which the {type(vision).__name__} of "
+                    f"{self.adapter.family} models cannot take (it keeps its 2x2 merge units whole); prune there, or merge "
+                    "after the encoder (e.g. visionzip, pool)"
+                )
         vision_stages = [s for s in self.plan.stages if s.site is not Site.LLM]
         for stage in vision_stages:
             request = stage.vision_request(num_layers, feature)
