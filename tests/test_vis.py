@@ -174,3 +174,12 @@ def test_generate_cli_writes_the_picture(tmp_path):
     processed = np.asarray(bright_image(56, 56)).astype(int)
     unchanged = sum(np.abs(cell(picture, t) - cell(processed, t)).max() <= 1 for t in range(49))
     assert unchanged == 5
+
+
+def test_merge_inside_the_llm_draws_kept_tokens_only():
+    # PPE's cascade merges at LLM layers, where members are not traced: the kept tokens are drawn, no group claimed.
+    pipeline = tokenomy.load("tiny-llava", "ppe-cascade", keep=6, position_policy="multi", ppe_k=2)
+    (result,) = pipeline.generate([bright_image(56, 56)], ["What is it?"], max_new_tokens=2)
+    assert result.views[0].groups_known is False
+    clear, _ = clear_cells(result)
+    assert clear == result.stats["kept_indices"][0] and len(clear) == 6
