@@ -1,4 +1,6 @@
 """tokenomy.vis: kept tokens drawn clear, dropped ones dimmed by DIM, merged groups outlined in one colour each."""
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -159,6 +161,8 @@ def test_index_and_scaling_and_errors():
     assert draw_selection(two, image=bright_image(200, 130)).size == (112, 112)  # x2: the largest multiple that fits
     with pytest.raises(InputError, match="index=2"):
         draw_selection(two, index=2)
+    copy = pickle.loads(pickle.dumps(two))
+    assert np.array_equal(np.asarray(draw_selection(copy, index=1)), np.asarray(draw_selection(two, index=1)))
     (text_only,) = pipeline.generate([None], ["Hello"], max_new_tokens=2)
     with pytest.raises(InputError, match="no image views"):
         draw_selection(text_only)

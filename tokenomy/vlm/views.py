@@ -30,6 +30,10 @@ class TokenView:
             self._fields, self._build = self._build(), None
         return self._fields[name]
 
+    def __getstate__(self):  # pickled (multiprocessing, a UI's session state) as plain tensors, not the closure
+        self._field("pixels")
+        return {"_build": None, "_fields": self._fields}
+
     pixels = property(lambda self: self._field("pixels"))
     boxes = property(lambda self: self._field("boxes"))
     kept = property(lambda self: self._field("kept"))
