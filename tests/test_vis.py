@@ -187,3 +187,13 @@ def test_merge_inside_the_llm_draws_kept_tokens_only():
     assert result.views[0].groups_known is False
     clear, _ = clear_cells(result)
     assert clear == result.stats["kept_indices"][0] and len(clear) == 6
+
+
+def test_generate_cli_vis_errors_name_the_option(tmp_path, capsys):
+    image_path = tmp_path / "in.png"
+    bright_image(56, 56).save(image_path)
+    assert cli_main(["generate", "--model", "tiny-llava", "--prompt", "What?", "--vis", str(tmp_path / "v.png")]) == 2
+    assert "--vis" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", "tiny-llava", "--image", str(image_path), "--prompt", "What?",
+                     "--max-new-tokens", "1", "--vis", str(tmp_path / "no_such_folder" / "v.png")]) == 2
+    assert "--vis" in capsys.readouterr().err
