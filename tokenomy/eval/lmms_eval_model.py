@@ -26,7 +26,8 @@ def manifest() -> ModelManifest:
 class TokenomyLMMS(lmms):
     """pretrained: a local model folder or a built-in name (ref-llava, tiny-llava, ...). reducer: a registered reducer
     or a stacked spec. keep: the last stage's budget. Other keys are reducer options (`name.key=value` for one stage of
-    a stacked spec), as `tokenomy.load` takes them."""
+    a stacked spec), as `tokenomy.load` takes them. batch_size, max_batch_size and device come from lmms-eval's own
+    flags; max_batch_size only caps `--batch_size auto`, which this model refuses (give a number)."""
 
     is_simple = True
 
