@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -143,6 +144,14 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical CPUs (the models run on the CPU)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="ref-llava,ref-qwen")
@@ -160,7 +169,7 @@ def main() -> None:
                for name in args.models.split(",")}
     print(table(results))
     meta = dict(command="python benchmarks/token_probes.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), machine=platform.processor() or platform.machine(),
+                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                 torch=torch.__version__, threads=args.threads)
     Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
     print(f"wrote {args.out}")

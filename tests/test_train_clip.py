@@ -78,3 +78,14 @@ def test_resume_continues_the_same_curve(tmp_path, monkeypatch):
                  *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]) == 0
     read = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
     assert read("resumed") == read("straight")
+
+
+def test_worker_processes_build_the_same_batches(tmp_path):
+    config = clip.ClipConfig(out_dir=str(tmp_path), **{**TINY, "workers": 2})
+    tokenizer = clip.caption_tokenizer(config, tmp_path)
+    _, processor = clip.build_clip(tokenizer, config)
+    loader = torch.utils.data.DataLoader(clip.Batches(config, tokenizer, processor), batch_size=None, sampler=range(2, 5),
+                                         num_workers=2)
+    for step, built in enumerate(loader, 2):
+        expected = clip.batch(step, config, tokenizer, processor)
+        assert all(torch.equal(built[key], expected[key]) for key in expected)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tokenomy.errors import InputError
 from tokenomy.eval import synthvqa
-from tokenomy.train.loop import _device, _schedule
+from tokenomy.train.loop import _device, _one_thread_per_worker, _schedule
 from tokenomy.train.models import IMAGE_SIZE, PATCH_SIZE, train_tokenizer
 
 CAPTION_SEED = 17  # captions of train scene i are drawn from rng([CAPTION_SEED, seed, i])
@@ -52,6 +52,9 @@ class ClipConfig:
     vocab_size: int = 512
     tokenizer_scenes: int = 500  # train scenes whose captions the BPE is trained on
     device: str = "auto"
+    # Processes rendering and preprocessing the next batches: a 64-scene batch takes about 2 s on one core here, more
+    # than a step of this model on a GPU. 0 builds them in the training process.
+    workers: int = 0
 
 
 # ---- captions ------------------------------------------------------------------------------------------------------
@@ -188,6 +191,19 @@ def batch(step: int, config: ClipConfig, tokenizer, image_processor) -> dict:
     return dict(pixel_values=pixels, **encode_captions(tokenizer, [text for _, text in pairs]))
 
 
+class Batches(torch.utils.data.Dataset):
+    """Item `step` is `batch(step, ...)`, whichever process builds it."""
+
+    def __init__(self, config: ClipConfig, tokenizer, image_processor):
+        self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
+
+    def __len__(self):
+        return self.config.steps
+
+    def __getitem__(self, step: int) -> dict:
+        return batch(step, self.config, self.tokenizer, self.image_processor)
+
+
 # ---- zero-shot retrieval -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def retrieval(model, tokenizer, image_processor, scenes: int = 100, split: str = "test") -> dict:
@@ -240,9 +256,13 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
 
     model.train()
     began = time.time()
+    batches = torch.utils.data.DataLoader(
+        Batches(config, tokenizer, image_processor), batch_size=None, sampler=range(start, config.steps),
+        num_workers=config.workers, pin_memory=device.type == "cuda",
+        worker_init_fn=_one_thread_per_worker if config.workers else None, prefetch_factor=4 if config.workers else None)
     with log_path.open("a") as log:
-        for step in tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train ref-clip"):
-            inputs = {k: v.to(device) for k, v in batch(step, config, tokenizer, image_processor).items()}
+        for step, built in tqdm(enumerate(batches, start), initial=start, total=config.steps, desc="train ref-clip"):
+            inputs = {k: v.to(device, non_blocking=True) for k, v in built.items()}
             loss = model(**inputs, return_loss=True).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
