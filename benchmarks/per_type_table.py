@@ -3,8 +3,9 @@
     python benchmarks/per_type_table.py OUTPUT_PATH [--first-word]
 
 Prints one markdown row per (model, reducer, keep): overall and per type accuracy, each as `mean ± standard error`
-(binomial, sqrt(p(1-p)/n), n the questions of that type). `--first-word` adds a column scoring only the first word
-of each answer, for models that answer right and then fail to stop (the benchmark itself scores the whole answer).
+(binomial, sqrt(p(1-p)/n), n the questions of that type). `--first-word` adds a column that counts an answer right when it
+starts with the right word, for models that answer and then fail to stop, running words together ("orangenonoorange");
+the benchmark itself scores the whole answer.
 """
 from __future__ import annotations
 
