@@ -7,9 +7,10 @@
 
 Tasks (`--tasks list`) read local files under `D/<task folder>/` (or `D` itself) in the layout the benchmark is
 distributed in, or as lmms-eval rows (*.parquet, *.jsonl, a `datasets` save_to_disk folder); a missing file is
-an error that says what was expected where. Scoring follows the reference evaluators (ecosystem spec §2):
-VQA soft accuracy with EvalAI normalisation, GQA exact match, POPE with LLaVA parsing, MME acc + acc+, ScienceQA
-letter rules, MMBench CircularEval with static extraction, SEED first letter, Video-MME letter regex.
+an error that says what was expected where (synthvqa is generated in memory and needs no `--data-dir`). Scoring
+follows the reference evaluators (ecosystem spec §2): VQA soft accuracy with EvalAI normalisation, GQA exact
+match, POPE with LLaVA parsing, MME acc + acc+, ScienceQA letter rules, MMBench CircularEval with static
+extraction, SEED first letter, Video-MME letter regex.
 
 Outputs under `O/<model>/`: `<stamp>_results.json` (per task, reducer and keep: metrics, an efficiency block, sample
 counts, errors) rewritten after every combination, and with --log_samples `<stamp>_samples_<task>.jsonl`, one

@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
                     help="k=v,... for every reducer but none; NAME.k=v for reducer NAME only (e.g. fastv.layer=3)")
     ev.add_argument("--keep", "--keeps", default="", help="comma list of visual-token budgets entering the LLM")
     ev.add_argument("--tasks", help="comma list of tasks, or 'list' to print them")
-    ev.add_argument("--data-dir", "--data_dir", dest="data_dir", help="local folder holding each task's files")
+    ev.add_argument("--data-dir", "--data_dir", dest="data_dir", help="local folder holding each task's files (not needed by synthvqa, which is generated in memory)")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=1)
     ev.add_argument("--limit", default=None, help="first N usable samples per task (or a fraction in (0, 1)); rows that "
                                                   "cannot be read are listed whatever the limit")
@@ -101,8 +101,8 @@ def run_eval_command(args) -> int:
             print(f"{name:16s} {task.description}{note}")
             print(f"{'':16s}   scored as: {task.reference}")
         return 0
-    if not args.model or not args.data_dir:
-        raise InputError("tokenomy eval needs --model and --data-dir (and --tasks)")
+    if not args.model:
+        raise InputError("tokenomy eval needs --model (and --data-dir for tasks read from files)")
     from tokenomy.eval.runner import EvalConfig, run_eval
     from tokenomy.reducers.plan import split_spec_list
 

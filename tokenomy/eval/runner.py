@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenomy.errors import InputError, TokenomyError, UnknownNameError
+from tokenomy.eval import oracles
 from tokenomy.eval import tasks as task_registry
 from tokenomy.eval.distributed import Group
 from tokenomy.eval.efficiency import FLOPS_FORMULA, Timer, aggregate_efficiency, peak_memory, reset_peak_memory, sample_efficiency
@@ -39,7 +40,7 @@ class EvalConfig:
 
     model: str
     tasks: list[str]
-    data_dir: str
+    data_dir: str | None  # None when every task is generated in memory (synthvqa)
     output_path: str
     reducers: list[str] = field(default_factory=lambda: [NO_REDUCTION])
     keeps: list[int] = field(default_factory=list)
@@ -58,7 +59,7 @@ class EvalConfig:
         data = asdict(self)
         for volatile in ("resume", "output_path"):
             data.pop(volatile)
-        data["data_dir"] = str(Path(self.data_dir).resolve())
+        data["data_dir"] = str(Path(self.data_dir).resolve()) if self.data_dir else None
         return json.loads(json.dumps(data))
 
     def combos(self) -> list[tuple[str, int | None]]:
@@ -77,6 +78,15 @@ def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
     if reducer == NO_REDUCTION:
         return {}
     return {**config.reducer_args, "keep": keep}
+
+
+def reduction_plan(reducer: str, options: dict):
+    """The Plan of one spec of the sweep: an oracle diagnostic's own, or the registry's."""
+    if oracles.is_diagnostic(reducer):
+        return oracles.plan(reducer, **options)
+    from tokenomy.reducers import build_plan
+
+    return build_plan(reducer, **options)
 
 
 def keep_label(keep: int | None) -> str:
@@ -137,15 +147,13 @@ class Pipelines:
         self.first = None
 
     def get(self, reducer: str, keep: int | None):
-        options = reducer_options(self.config, reducer, keep)
+        plan = reduction_plan(reducer, reducer_options(self.config, reducer, keep))
         if self.first is None:
             from tokenomy import load
 
-            self.first = load(self.config.model, reducer=reducer, device=self.device, **self.model_args, **options)
+            self.first = load(self.config.model, reducer=plan, device=self.device, **self.model_args)
             return self.first
-        from tokenomy.reducers import build_plan
-
-        return type(self.first)(self.first.model, self.first.processor, build_plan(reducer, **options), name=self.first.name,
+        return type(self.first)(self.first.model, self.first.processor, plan, name=self.first.name,
                                 position_policy=self.model_args.get("position_policy"))
 
 
@@ -157,22 +165,29 @@ def _check_config(config: EvalConfig) -> None:
     from tokenomy.reducers import available as available_reducers
 
     names = [name for spec in config.reducers for name, _ in parse_spec(spec)]  # malformed specs fail here
-    unknown = [name for name in names if name not in available_reducers()]
+    unknown = [name for name in names if name not in available_reducers() and name not in oracles.DIAGNOSTICS]
     if unknown:  # before any data is read or model built
-        raise UnknownNameError("reducer", unknown[0], available_reducers())
+        raise UnknownNameError("reducer", unknown[0], available_reducers() + sorted(oracles.DIAGNOSTICS))
+    diagnostics = [name for name in names if name in oracles.DIAGNOSTICS]
+    blind = [name for name in config.tasks if not task_registry.get(name).gives_reducer_context]
+    if diagnostics and blind:
+        raise InputError(f"--reducers {diagnostics[0]} is a diagnostic that needs each sample's scene description, which "
+                         f"only synthvqa provides; task {blind[0]} has none (run the oracles with --tasks synthvqa alone)")
     if any(r != NO_REDUCTION for r in config.reducers) and not config.keeps:
         raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64")
     if config.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {config.batch_size}")
     check_limit(config.limit)
     _check_options(config)
-    if not Path(config.data_dir).exists():
+    reading = [name for name in config.tasks if task_registry.get(name).reads_files]
+    if reading and not config.data_dir:
+        raise InputError(f"task {reading[0]} reads its files from --data-dir; give the folder that holds them")
+    if config.data_dir and not Path(config.data_dir).exists():
         raise InputError(f"--data-dir {config.data_dir} does not exist")
 
 
 def _check_options(config: EvalConfig) -> None:
     """Every option is checked here, before any data is read or the model is built (which takes seconds to minutes)."""
-    from tokenomy.reducers import build_plan
     from tokenomy.vlm.loading import resolve_dtype
 
     unknown = sorted(set(config.model_args) - set(MODEL_ARGS))
@@ -192,7 +207,7 @@ def _check_options(config: EvalConfig) -> None:
         raise InputError(f"--reducer_args {stray[0]} names reducer {stray[0].split('.', 1)[0]!r}, which is not in "
                          f"--reducer {','.join(config.reducers)}")
     for reducer, keep in config.combos():  # unknown options and impossible stage orders
-        build_plan(reducer, **reducer_options(config, reducer, keep))
+        reduction_plan(reducer, reducer_options(config, reducer, keep))
 
 
 def _differences(previous: dict, config: EvalConfig) -> list[str]:
@@ -302,7 +317,7 @@ def _run_tasks(config: EvalConfig, pipelines: Pipelines, group: Group, store: Ru
 
 
 def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group, store: RunStore, results: dict) -> None:
-    loaded = task.load(Path(config.data_dir))
+    loaded = task.load(Path(config.data_dir) if config.data_dir else None)
     docs = apply_limit(loaded.docs, config.limit)
     load_errors = [{"id": e.id, "message": e.message, "source": e.source} for e in loaded.errors]
     if loaded.errors:
@@ -360,7 +375,7 @@ def _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, sto
     pipeline = pipelines.get(reducer, keep)
     gen_kwargs = {"max_new_tokens": task.max_new_tokens, "do_sample": False, **config.gen_kwargs}
     chunks = [pending[i:i + config.batch_size] for i in range(0, len(pending), config.batch_size)]
-    _warm_up(task, docs, chunks[0], pipeline, gen_kwargs)
+    _warm_up(task, docs, chunks[0], reducer, pipeline, gen_kwargs)
     reset_peak_memory(pipeline.device)
     records = []
     bar = tqdm(total=len(pending), desc=f"{task.name} {reducer}@{keep_label(keep)}", unit="sample",
@@ -376,10 +391,11 @@ def _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, sto
     return records
 
 
-def _warm_up(task, docs, chunk, pipeline, gen_kwargs) -> None:
+def _warm_up(task, docs, chunk, reducer, pipeline, gen_kwargs) -> None:
     """One untimed call so that lazy initialisation and kernel selection stay out of the measurements."""
     try:
-        pipeline.generate([task.media(docs[chunk[0]])], [task.prompt(docs[chunk[0]])], **{**gen_kwargs, "max_new_tokens": 2})
+        pipeline.generate([task.media(docs[chunk[0]])], [task.prompt(docs[chunk[0]])],
+                          **{**gen_kwargs, "max_new_tokens": 2}, **sample_contexts(task, docs, [chunk[0]], reducer))
     except Exception:
         pass  # a bad first sample is reported when its chunk runs
 
@@ -397,8 +413,9 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
     while batches:
         batch = batches.pop(0)
         try:
+            contexts = sample_contexts(task, docs, [i for i, _, _ in batch], reducer)
             with Timer(pipeline.device) as timer:
-                generations = pipeline.generate([m for _, _, m in batch], [p for _, p, _ in batch], **gen_kwargs)
+                generations = pipeline.generate([m for _, _, m in batch], [p for _, p, _ in batch], **gen_kwargs, **contexts)
         except Exception as exc:
             if len(batch) > 1:
                 batches = [[item] for item in batch] + batches  # isolate the culprit, to name it and keep the others
@@ -407,6 +424,13 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
             continue
         records += _sample_records(config, task, docs, batch, generations, timer.ms, pipeline, base)
     return sorted(records, key=lambda r: r["doc_index"])
+
+
+def sample_contexts(task, docs, indices, reducer) -> dict:
+    """An oracle diagnostic's extra generate argument: each sample's description, as the task gives it."""
+    if not oracles.is_diagnostic(reducer):
+        return {}
+    return {"contexts": [task.reducer_context(docs[i]) for i in indices]}
 
 
 def _fail_or_describe(config, task, doc, exc) -> str:

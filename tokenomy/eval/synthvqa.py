@@ -203,24 +203,78 @@ def make_scene(split: str, index: int) -> Scene:
             return Scene(objects, word, text_box, questions)
 
 
+def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, fill) -> None:
+    r = o.radius
+    if o.shape == "circle":
+        draw.ellipse((o.x - r, o.y - r, o.x + r, o.y + r), fill=fill)
+    elif o.shape == "square":
+        side = round(r * 0.85)  # a square of the same visual weight as the circle
+        draw.rectangle((o.x - side, o.y - side, o.x + side, o.y + side), fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=fill)
+    else:
+        draw.polygon([(o.x, o.y - r), (o.x + r, o.y), (o.x, o.y + r), (o.x - r, o.y)], fill=fill)
+
+
+def _draw_word(draw: ImageDraw.ImageDraw, scene: Scene, fill) -> None:
+    font = _font()
+    left, top, _, _ = font.getbbox(scene.word.upper())
+    draw.text((scene.text_box[0] - left, scene.text_box[1] - top), scene.word.upper(), fill=fill, font=font)
+
+
 def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for o in scene.objects:
-        fill, r = COLORS[o.color], o.radius
-        if o.shape == "circle":
-            draw.ellipse((o.x - r, o.y - r, o.x + r, o.y + r), fill=fill)
-        elif o.shape == "square":
-            side = round(r * 0.85)  # a square of the same visual weight as the circle
-            draw.rectangle((o.x - side, o.y - side, o.x + side, o.y + side), fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=fill)
-        else:
-            draw.polygon([(o.x, o.y - r), (o.x + r, o.y), (o.x, o.y + r), (o.x - r, o.y)], fill=fill)
-    font = _font()
-    left, top, _, _ = font.getbbox(scene.word.upper())
-    draw.text((scene.text_box[0] - left, scene.text_box[1] - top), scene.word.upper(), fill=(0, 0, 0), font=font)
+        _draw_object(draw, o, COLORS[o.color])
+    _draw_word(draw, scene, (0, 0, 0))
     return image
+
+
+def pixel_mask(scene: Scene, objects=(), word: bool = False) -> np.ndarray:
+    """[IMAGE_SIZE, IMAGE_SIZE] bool: the pixels `render` paints for `objects` (and for the word when `word`)."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for o in objects:
+        _draw_object(draw, o, 255)
+    if word:
+        _draw_word(draw, scene, 255)
+    return np.asarray(mask) > 0
+
+
+def _named(scene: Scene, name: str) -> SceneObject:
+    return next(o for o in scene.objects if o.name == name)
+
+
+def question_objects(scene: Scene, question: dict) -> tuple[list, bool]:
+    """(objects, word): what a question of `scene.questions` is about, from the scene description.
+
+    color/shape: the object the question names. count: the objects counted (all of them, or those of the named
+    colour or shape; none when the answer is 0). exist: the named pair when present, else every object of the named
+    colour or shape (what shows that the pair is absent). spatial: the two compared objects, or the anchor and its
+    nearest object. text: the word. small: the small object.
+    """
+    kind, objects = question["type"], scene.objects
+    if kind == "color":
+        return [o for o in objects if o.shape == question["shape"]], False
+    if kind == "shape":
+        return [o for o in objects if o.color == question["color"]], False
+    if kind == "count":
+        return [o for o in objects if question.get("color", o.color) == o.color and question.get("shape", o.shape) == o.shape], False
+    if kind == "exist":
+        pair = [o for o in objects if (o.color, o.shape) == (question["color"], question["shape"])]
+        return pair or [o for o in objects if o.color == question["color"] or o.shape == question["shape"]], False
+    if kind == "spatial":
+        if "anchor" in question:
+            anchor = _named(scene, question["anchor"])
+            nearest = min((o for o in objects if o is not anchor), key=lambda o: math.hypot(o.x - anchor.x, o.y - anchor.y))
+            return [anchor, nearest], False
+        return [_named(scene, question["first"]), _named(scene, question["second"])], False
+    if kind == "text":
+        return [], True
+    if kind == "small":
+        return [o for o in objects if o.small], False
+    raise InputError(f"unknown synthvqa question type {kind!r}; known: {', '.join(QUESTION_TYPES)}")
 
 
 def split_size(split: str) -> int:
@@ -231,7 +285,7 @@ def split_size(split: str) -> int:
 
 def items(split: str, limit: int | None = None, num_scenes: int | None = None):
     """The split's questions in order (scene by scene, types in QUESTION_TYPES order) as vqa-jsonl dicts with a PIL
-    image under "image". `limit` caps the number of questions."""
+    image under "image" and the `Scene` it was drawn from under "scene". `limit` caps the number of questions."""
     scenes = num_scenes if num_scenes is not None else split_size(split)
     produced = 0
     for index in range(scenes):
@@ -241,7 +295,7 @@ def items(split: str, limit: int | None = None, num_scenes: int | None = None):
             if limit is not None and produced >= limit:
                 return
             yield dict(id=f"{split}-{index:05d}-{q['type']}", image=image, question=q["question"],
-                       answers=[q["answer"]], type=q["type"])
+                       answers=[q["answer"]], type=q["type"], scene=scene)
             produced += 1
 
 

@@ -43,6 +43,11 @@ def registered() -> dict:
 def create(name: str, **kwargs):
     _discover()
     if name not in _REGISTRY:
+        from tokenomy.eval.oracles import DIAGNOSTICS  # lazily: the diagnostics live with the benchmark that feeds them
+
+        if name in DIAGNOSTICS:
+            raise InputError(f"{name!r} is a synthvqa diagnostic, not a reducer: it needs each sample's scene description, "
+                             f"which only `tokenomy eval --tasks synthvqa --reducers {name}` hands over")
         raise UnknownNameError("reducer", name, _REGISTRY)
     cls = _REGISTRY[name]
     accepted = inspect.signature(cls.__init__).parameters

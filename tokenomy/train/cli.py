@@ -40,6 +40,42 @@ def add_parser(subparsers):
     parser.add_argument("--eval-scenes", type=int, default=50,
                         help="after training on synthvqa, score this many val scenes (7 questions each); 0 skips")
     parser.set_defaults(func=run)
+    add_clip_parser(subparsers)
+
+
+def add_clip_parser(subparsers):
+    from tokenomy.train.clip import ClipConfig
+
+    defaults = ClipConfig(out_dir="")
+    parser = subparsers.add_parser(
+        "train-clip", help="train ref-clip: a CLIP model, contrastively, on synthvqa scenes and captions of them",
+        description="Train transformers' CLIPModel on synthvqa scenes, each with a caption written from its description "
+                    "(colours, shapes, counts, positions, the small object, the word). Checkpoints every --save-every "
+                    "steps; --resume continues the same loss curve. Writes OUT/model (safetensors, tokenizer, image "
+                    "processor) and its zero-shot image->caption retrieval accuracy on test scenes.",
+    )
+    parser.add_argument("--out", default="runs/ref-clip", help="run folder")
+    for option in ("steps", "batch_size", "lr", "warmup", "weight_decay", "vision_layers", "width", "text_layers",
+                   "save_every", "threads", "seed", "vocab_size", "tokenizer_scenes", "workers"):
+        value = getattr(defaults, option)
+        parser.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto (the GPU when there is one)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--eval-scenes", type=int, default=100, help="test scenes of the retrieval score; 0 skips it")
+    parser.set_defaults(func=run_clip)
+
+
+def run_clip(args):
+    from dataclasses import fields
+
+    from tokenomy.train.clip import ClipConfig, train_clip
+
+    options = {f.name: getattr(args, f.name) for f in fields(ClipConfig) if f.name != "out_dir"}
+    folder = train_clip(ClipConfig(out_dir=args.out, **options), resume=args.resume, eval_scenes=args.eval_scenes)
+    print(f"model written to {folder}")
+    if args.eval_scenes:
+        print(f"zero-shot retrieval on {args.eval_scenes} test scenes: {(folder / 'retrieval.json').read_text()}")
+    return 0
 
 
 def run(args):

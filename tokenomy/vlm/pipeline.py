@@ -217,9 +217,14 @@ class Pipeline:
                     f"prefill tokens + max_new_tokens={max_new_tokens}), beyond this model's {limit}; shorten the prompt"
                 )
 
-    def prepare(self, images, prompts, videos=None):
-        """Process, encode, run the vision-site stages and assemble. Returns (llm_kwargs, context, info)."""
+    def prepare(self, images, prompts, videos=None, contexts=None):
+        """Process, encode, run the vision-site stages and assemble. Returns (llm_kwargs, context, info).
+
+        contexts: per prompt, a dict added to the context of every post-projector stage of its images (the eval runner
+        hands a task's sample description this way to the synthvqa oracle diagnostics)."""
         prompts, per_prompt, videos_per_prompt = self._normalise(images, prompts, videos)
+        if contexts is not None and len(contexts) != len(prompts):
+            raise InputError(f"got {len(prompts)} prompts but {len(contexts)} contexts; give one dict per prompt")
         texts = [self.adapter.chat_text(p, len(imgs), len(clips)) for p, imgs, clips in zip(prompts, per_prompt, videos_per_prompt)]
         flat_images = [image for imgs in per_prompt for image in imgs]
         flat_videos = [clip for clips in videos_per_prompt for clip in clips]
@@ -233,10 +238,10 @@ class Pipeline:
             encoder_stages = self.plan.at(Site.ENCODER)
             encoded = self.adapter.encode_images(batch, union_request(requests), encoder_stages, self._encoder_requests, records)
             items_per_prompt = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
-            contexts = self._post_projector_contexts(prompts, items_per_prompt)
+            site_contexts = self._post_projector_contexts(prompts, items_per_prompt, contexts)
             for index, image in enumerate(encoded):
                 tokens = run_vision_stages(self.plan.at(Site.PRE_PROJECTOR), image.tokens, image.signals, num_layers, feature, index, records)
-                tokens = ImageTokens(image.project(tokens.features), tokens.positions, sources=tokens.sources, context=contexts[index])
+                tokens = ImageTokens(image.project(tokens.features), tokens.positions, sources=tokens.sources, context=site_contexts[index])
                 tokens = run_vision_stages(self.plan.at(Site.POST_PROJECTOR), tokens, image.signals, num_layers, feature, index, records)
                 final.append(tokens)
         m = self.plan.positions_per_token() if self.position_policy is PositionPolicy.MULTI else 1
@@ -253,17 +258,19 @@ class Pipeline:
         info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=items, records=records, audio=audio)
         return llm_kwargs, context, info
 
-    def _post_projector_contexts(self, prompts, items_per_prompt) -> list:
+    def _post_projector_contexts(self, prompts, items_per_prompt, given=None) -> list:
         """Per image or video, what the post-projector site knows of its sample's prompt: the LLM input embeddings of
-        the user's own words (chat template and media markers left out, so the instruction is all it holds)."""
+        the user's own words (chat template and media markers left out, so the instruction is all it holds), and the
+        sample's `given` context."""
         if not self.plan.at(Site.POST_PROJECTOR):
             return [{} for items in items_per_prompt for _ in items]
         contexts = []
-        for prompt, images in zip(prompts, items_per_prompt):
+        for sample, (prompt, images) in enumerate(zip(prompts, items_per_prompt)):
             ids = self._user_token_ids(prompt)
             with torch.no_grad():
                 embeddings = self.adapter.embed(torch.tensor(ids, dtype=torch.long, device=self.device))
-            contexts.extend({INSTRUCTION_EMBEDDINGS: embeddings} for _ in images)
+            extra = given[sample] if given is not None else {}
+            contexts.extend({**extra, INSTRUCTION_EMBEDDINGS: embeddings} for _ in images)
         return contexts
 
     def llm_context(self, inputs, records, replay=None):
@@ -276,19 +283,20 @@ class Pipeline:
 
     # ---- running --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images, prompts, videos=None):
+    def forward(self, images, prompts, videos=None, contexts=None):
         """Prefill logits [B, L', vocab] of the reduced sequence (left-padded)."""
-        llm_kwargs, context, info = self.prepare(images, prompts, videos)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos, contexts)
         self._check_lengths(info["inputs"], 1)
         with context:
             return self.model(**llm_kwargs, use_cache=True).logits
 
     @torch.no_grad()
-    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, videos=None, **generate_kwargs) -> list:
-        """videos: per prompt a video or a list of them ('<video>' in the prompt marks where each goes)."""
+    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, videos=None, contexts=None, **generate_kwargs) -> list:
+        """videos: per prompt a video or a list of them ('<video>' in the prompt marks where each goes). contexts: see
+        `prepare`."""
         timer = _ForwardTimer(self.model)
         start = timer.now()
-        llm_kwargs, context, info = self.prepare(images, prompts, videos)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos, contexts)
         self._check_lengths(info["inputs"], max_new_tokens)
         timer.prepare_ms = (timer.now() - start) * 1e3
         tokenizer = self.adapter.tokenizer

@@ -46,6 +46,9 @@ class Task:
     max_new_tokens = 16
     requires_judge = False
     primary_metric = "accuracy"
+    reads_files = True  # False for tasks generated in memory (synthvqa): they run without --data-dir
+    # True when `reducer_context` describes each sample's content (synthvqa's scenes), which the oracle diagnostics need
+    gives_reducer_context = False
 
     def config(self) -> dict:
         """Choices that change the numbers and therefore go into the results file."""
@@ -153,6 +156,10 @@ class Task:
 
     def target(self, doc: dict) -> Any:
         raise NotImplementedError
+
+    def reducer_context(self, doc: dict) -> dict:
+        """What a diagnostic stage may know of a sample beyond its image and prompt (tokenomy.eval.oracles)."""
+        raise InputError(f"task {self.name} does not describe its samples' content, which the oracle diagnostics need")
 
     # ---- scoring ---------------------------------------------------------------------------------------------
     def score(self, doc: dict, prediction: str) -> dict:

@@ -1,0 +1,179 @@
+"""Where does a model keep what? A linear probe per visual token, on the frozen tokens entering the LLM.
+
+For each model, the tokens the projector (LLaVA) or the patch merger (Qwen2-VL) hands to the LLM are captured on
+synthvqa scenes; one linear classifier per head reads ONE token and predicts:
+  color, shape, word  what lies under that token's cell (tokenomy.train.probe.cell_labels; 0 = nothing there)
+  count               how many objects the whole scene holds (a scene-level fact, the same label on every cell)
+  scene_word          which word is written somewhere in the scene (scene-level too)
+The probe is shared by all positions, fit on train-split scenes and scored on held-out test-split scenes, separately
+on labelled cells (something of that head under the cell; for the scene-level heads: cells with an object or text)
+and on background cells. A scene-level fact readable from background cells means the model stores it there, so a
+reducer that keeps only the objects' tokens can lose it. Chance is the majority class of each group on the test cells.
+
+    python benchmarks/token_probes.py --models ref-llava,ref-qwen --train-scenes 300 --test-scenes 100
+
+prints a markdown table and writes benchmarks/token_probes.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import tokenomy
+from tokenomy.eval import synthvqa
+from tokenomy.train.probe import HEADS, cell_labels, probe_grid
+
+CELL_HEADS = ("color", "shape", "word")
+SCENE_HEADS = {"count": 7, "scene_word": len(synthvqa.WORDS)}
+PROMPT = "What word is written?"  # the tokens entering the LLM do not depend on it: the projector never sees the text
+
+
+def projector_of(model):
+    return model.model.visual.merger if hasattr(model.model, "visual") else model.model.multi_modal_projector
+
+
+@torch.no_grad()
+def visual_tokens(pipeline, images, batch_size: int) -> torch.Tensor:
+    """[images, cells, D] fp32 tokens entering the LLM (no reducer), captured at the projector's output."""
+    captured = []
+    handle = projector_of(pipeline.model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pipeline.forward(chunk, [PROMPT] * len(chunk))
+    finally:
+        handle.remove()
+    flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).float()
+    return flat.reshape(len(images), -1, flat.shape[-1])
+
+
+def scene_labels(split: str, count: int, grid: int):
+    """(images, labels [scenes, cells, heads], foreground [scenes, cells] bool) in the column order of `heads()`."""
+    images, labels, foreground = [], [], []
+    for index in range(count):
+        scene = synthvqa.make_scene(split, index)
+        image = synthvqa.render(scene)
+        cells = cell_labels(scene, image, grid)
+        columns = [cells[:, list(HEADS).index(name)] for name in CELL_HEADS]
+        columns += [torch.full_like(cells[:, 0], len(scene.objects)), torch.full_like(cells[:, 0], synthvqa.WORDS.index(scene.word))]
+        images.append(image)
+        labels.append(torch.stack(columns, dim=-1))
+        foreground.append((cells[:, list(HEADS).index("color")] > 0) | (cells[:, list(HEADS).index("word")] > 0))
+    return images, torch.stack(labels), torch.stack(foreground)
+
+
+def heads() -> dict:
+    return {**{name: HEADS[name] for name in CELL_HEADS}, **SCENE_HEADS}
+
+
+def labelled_mask(name: str, labels: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    return labels > 0 if name in CELL_HEADS else foreground
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor, classes: int, steps: int, decay: float):
+    """Multinomial logistic regression by L-BFGS; labelled and background cells weigh half each (the background
+    outnumbers objects about 4 to 1, and a probe fit to the plain mean would ignore the objects)."""
+    weight = torch.where(labelled, 0.5 / labelled.sum().clamp(min=1), 0.5 / (~labelled).sum().clamp(min=1))
+    linear = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(linear(x), y, reduction="none") * weight).sum()
+        loss = loss + decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return linear
+
+
+def group_accuracy(predicted, y, group) -> dict:
+    if not group.any():
+        return dict(accuracy=None, chance=None, cells=0)
+    right = (predicted[group] == y[group]).float().mean().item()
+    chance = torch.bincount(y[group]).max().item() / int(group.sum())
+    return dict(accuracy=100 * right, chance=100 * chance, cells=int(group.sum()))
+
+
+def probe_model(name: str, train_scenes: int, test_scenes: int, batch_size: int, steps: int, decay: float) -> dict:
+    start = time.perf_counter()
+    pipeline = tokenomy.load(name)
+    grid = probe_grid(pipeline.model)
+    data = {}
+    for split, count in (("train", train_scenes), ("test", test_scenes)):
+        images, labels, foreground = scene_labels(split, count, grid)
+        tokens = visual_tokens(pipeline, images, batch_size)
+        if tokens.shape[1] != grid * grid:
+            raise SystemExit(f"{name}: {tokens.shape[1]} visual tokens per image, expected a {grid}x{grid} grid")
+        data[split] = (tokens.flatten(0, 1), labels.flatten(0, 1), foreground.flatten())
+    train_x, train_y, train_fg = data["train"]
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)  # standardised, so one decay suits every model
+    test_x, test_y, test_fg = data["test"]
+    out = dict(grid=grid, dim=train_x.shape[1], heads={})
+    for column, (head, classes) in enumerate(heads().items()):
+        labelled = labelled_mask(head, train_y[:, column], train_fg)
+        probe = fit_probe((train_x - mean) / std, train_y[:, column], labelled, classes, steps, decay)
+        with torch.no_grad():
+            predicted = probe((test_x - mean) / std).argmax(-1)
+        held_out = labelled_mask(head, test_y[:, column], test_fg)
+        out["heads"][head] = dict(labelled=group_accuracy(predicted, test_y[:, column], held_out),
+                                  background=group_accuracy(predicted, test_y[:, column], ~held_out))
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def table(results: dict) -> str:
+    models = list(results)
+    lines = ["| head | " + " | ".join(f"{m} labelled | {m} background" for m in models) + " |",
+             "|---|" + "---|---|" * len(models)]
+    for head in heads():
+        cells = []
+        for model in models:
+            for group in ("labelled", "background"):
+                row = results[model]["heads"][head][group]
+                cells.append("-" if row["accuracy"] is None else f"{row['accuracy']:.1f} (chance {row['chance']:.1f})")
+        lines.append(f"| {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} logical CPUs (the models run on the CPU)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="ref-llava,ref-qwen")
+    parser.add_argument("--train-scenes", type=int, default=300)
+    parser.add_argument("--test-scenes", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=200, help="L-BFGS iterations per head")
+    parser.add_argument("--decay", type=float, default=1e-3, help="L2 penalty on the probe weights")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = {name: probe_model(name, args.train_scenes, args.test_scenes, args.batch_size, args.steps, args.decay)
+               for name in args.models.split(",")}
+    print(table(results))
+    meta = dict(command="python benchmarks/token_probes.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
+                torch=torch.__version__, threads=args.threads)
+    Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""ref-clip: a CLIP model trained contrastively on synthvqa scenes and captions written from their descriptions.
+
+Real LLaVA models read a vision tower that was trained on image-caption pairs and then frozen; this is that tower for
+the reference models. Read top to bottom: captions from a scene description, the model, the loss, the loop,
+zero-shot retrieval, export.
+
+Why transformers' CLIPModel and not open_clip: open_clip builds its models from named JSON configs and its own
+77-token tokenizer with a 49k vocabulary, so a narrow custom tower with a small BPE means registering a new config and
+a custom tokenizer; transformers' CLIPModel takes the sizes as a config object, uses any tokenizer, saves and loads a
+local safetensors folder, and its `vision_model` is the very CLIPVisionTransformer that LlavaForConditionalGeneration
+embeds, so the new ref-llava can take the tower's weights as they are. Its loss (`return_loss=True`) is CLIP's
+symmetric cross-entropy over the image-caption similarity matrix with a learned temperature, what open_clip's ClipLoss
+computes on one process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tokenomy.errors import InputError
+from tokenomy.eval import synthvqa
+from tokenomy.train.loop import _device, _one_thread_per_worker, _schedule
+from tokenomy.train.models import IMAGE_SIZE, PATCH_SIZE, train_tokenizer
+
+CAPTION_SEED = 17  # captions of train scene i are drawn from rng([CAPTION_SEED, seed, i])
+MAX_CAPTION_TOKENS = 48
+COLUMNS = ("left", "centre", "right")
+ROWS = ("top", "middle", "bottom")
+
+
+@dataclass
+class ClipConfig:
+    out_dir: str
+    steps: int = 3000
+    batch_size: int = 64  # scenes per step, one caption each; the other 63 captions are each image's negatives
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    vision_layers: int = 12
+    width: int = 64  # both towers; 4 heads of 16
+    text_layers: int = 4
+    save_every: int = 50
+    threads: int = 1
+    seed: int = 0
+    vocab_size: int = 512
+    tokenizer_scenes: int = 500  # train scenes whose captions the BPE is trained on
+    device: str = "auto"
+    # Processes rendering and preprocessing the next batches: a 64-scene batch takes about 2 s on one core here, more
+    # than a step of this model on a GPU. 0 builds them in the training process.
+    workers: int = 0
+
+
+# ---- captions ------------------------------------------------------------------------------------------------------
+def where(o) -> str:
+    """The ninth of the canvas an object's centre lies in, in words."""
+    third = IMAGE_SIZE / 3
+    return f"{ROWS[min(int(o.y // third), 2)]} {COLUMNS[min(int(o.x // third), 2)]}".replace("middle centre", "centre")
+
+
+def _plural(shape: str, count: int) -> str:
+    return shape if count == 1 else f"{shape}s"
+
+
+def a(phrase: str) -> str:
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def object_phrase(o, rng) -> str:
+    size = "small " if o.small and rng.random() < 0.7 else ""
+    forms = [a(f"{size}{o.color} {o.shape}"), f"{size}{o.color} {o.shape}", a(f"{size}{o.shape} in {o.color}"),
+             a(f"{size}{o.color} {o.shape} at the {where(o)}"), a(f"{size}{o.color} {o.shape} in the {where(o)}")]
+    return forms[int(rng.integers(len(forms)))]
+
+
+def scene_facts(scene, rng) -> list[str]:
+    """Phrases true of the scene: some objects, then maybe a count, the word, the small object and a relation."""
+    objects = list(scene.objects)
+    rng.shuffle(objects)
+    facts = [object_phrase(o, rng) for o in objects[: int(rng.integers(1, 4))]]
+    count = len(scene.objects)
+    if rng.random() < 0.5:
+        kind = int(rng.integers(3))
+        if kind == 0:
+            facts.append(f"{count} {('objects', 'shapes', 'things')[int(rng.integers(3))]}")
+        elif kind == 1:
+            color = objects[0].color
+            same = sum(o.color == color for o in scene.objects)
+            facts.append(f"{same} {color} {'object' if same == 1 else 'objects'}")
+        else:
+            shape = objects[0].shape
+            same = sum(o.shape == shape for o in scene.objects)
+            facts.append(f"{same} {_plural(shape, same)}")
+    if rng.random() < 0.5:
+        forms = [f"the word {scene.word}", f"the text {scene.word.upper()}", f"{scene.word} written on it",
+                 f'the word "{scene.word}"']
+        facts.append(forms[int(rng.integers(len(forms)))])
+    if rng.random() < 0.3:
+        small = next(o for o in scene.objects if o.small)
+        facts.append(f"a tiny {small.color} {small.shape}")
+    large = [o for o in scene.objects if not o.small]
+    if len(large) >= 2 and rng.random() < 0.3:
+        first, second = (large[i] for i in rng.choice(len(large), 2, replace=False))
+        if abs(first.x - second.x) >= synthvqa.SPATIAL_MARGIN:
+            facts.append(f"{a(first.name)} {'left' if first.x < second.x else 'right'} of {a(second.name)}")
+        elif abs(first.y - second.y) >= synthvqa.SPATIAL_MARGIN:
+            facts.append(f"{a(first.name)} {'above' if first.y < second.y else 'below'} {a(second.name)}")
+    return facts
+
+
+def caption(scene, rng) -> str:
+    facts = scene_facts(scene, rng)
+    rng.shuffle(facts)
+    joined = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1]
+    prefix = ("", "a picture of ", "an image with ", "a drawing of ")[int(rng.integers(4))]
+    return prefix + joined
+
+
+def full_caption(scene) -> str:
+    """The fixed, complete caption retrieval is scored against: every object left to right, the count, the word."""
+    objects = sorted(scene.objects, key=lambda o: o.x)
+    parts = [a(f"{'small ' if o.small else ''}{o.color} {o.shape} at the {where(o)}") for o in objects]
+    return f"{len(objects)} objects: " + ", ".join(parts) + f" and the word {scene.word}"
+
+
+def train_pair(index: int, seed: int) -> tuple:
+    """(image, caption) of train scene `index`: the same whichever process or resume builds it."""
+    scene = synthvqa.make_scene("train", index)
+    return synthvqa.render(scene), caption(scene, np.random.default_rng([CAPTION_SEED, seed, index]))
+
+
+# ---- the model -----------------------------------------------------------------------------------------------------
+def build_clip(tokenizer, config: ClipConfig):
+    """transformers' CLIPModel: a ViT with CLS on 128 px in 8 px patches, a small text transformer, 64-d embeddings."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    heads = max(1, config.width // 16)
+    vision = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=config.width, intermediate_size=2 * config.width,
+                  num_hidden_layers=config.vision_layers, num_attention_heads=heads)
+    text = dict(vocab_size=len(tokenizer), hidden_size=config.width, intermediate_size=2 * config.width,
+                num_hidden_layers=config.text_layers, num_attention_heads=heads, max_position_embeddings=MAX_CAPTION_TOKENS,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)  # the text embedding is read at the first end token
+    torch.manual_seed(config.seed)
+    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=config.width))
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return model, image_processor
+
+
+def caption_tokenizer(config: ClipConfig, out: Path):
+    """A byte-level BPE trained on captions of the first train scenes (kept in the run folder for resumes)."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = out / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    else:
+        scenes = [synthvqa.make_scene("train", i) for i in range(config.tokenizer_scenes)]
+        texts = [caption(s, np.random.default_rng([CAPTION_SEED, config.seed, i])) for i, s in enumerate(scenes)]
+        texts += [full_caption(s) for s in scenes]
+        # "<|im_end|>" ends a caption: CLIP's text model treats an end token of id 2 ("</s>" here) as a legacy
+        # config and reads the highest token id instead.
+        tokenizer = train_tokenizer(texts, "qwen", config.vocab_size)
+        tokenizer.chat_template = None
+        tokenizer.save_pretrained(folder)
+    tokenizer.padding_side = "right"  # CLIP reads each caption at its end token; right padding keeps that position simple
+    return tokenizer
+
+
+def encode_captions(tokenizer, texts: list) -> dict:
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: MAX_CAPTION_TOKENS - 1] + [tokenizer.eos_token_id] for t in texts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, sequence in enumerate(ids):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return dict(input_ids=input_ids, attention_mask=mask)
+
+
+def batch(step: int, config: ClipConfig, tokenizer, image_processor) -> dict:
+    """Batch `step` holds train scenes step*B .. step*B+B-1, so a resumed run continues the same loss curve."""
+    pairs = [train_pair(step * config.batch_size + i, config.seed) for i in range(config.batch_size)]
+    pixels = image_processor([image for image, _ in pairs], return_tensors="pt")["pixel_values"]
+    return dict(pixel_values=pixels, **encode_captions(tokenizer, [text for _, text in pairs]))
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item `step` is `batch(step, ...)`, whichever process builds it."""
+
+    def __init__(self, config: ClipConfig, tokenizer, image_processor):
+        self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
+
+    def __len__(self):
+        return self.config.steps
+
+    def __getitem__(self, step: int) -> dict:
+        return batch(step, self.config, self.tokenizer, self.image_processor)
+
+
+# ---- zero-shot retrieval -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def retrieval(model, tokenizer, image_processor, scenes: int = 100, split: str = "test") -> dict:
+    """Image -> caption and caption -> image top-1 accuracy (%) among `scenes` test scenes and their full captions;
+    chance is 100 / scenes."""
+    model.eval()
+    described = [synthvqa.make_scene(split, i) for i in range(scenes)]
+    device = next(model.parameters()).device
+    pixels = image_processor([synthvqa.render(s) for s in described], return_tensors="pt")["pixel_values"].to(device)
+    texts = {k: v.to(device) for k, v in encode_captions(tokenizer, [full_caption(s) for s in described]).items()}
+    images = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    captions = torch.nn.functional.normalize(model.get_text_features(**texts).pooler_output, dim=-1)
+    similarity = images @ captions.T
+    target = torch.arange(scenes, device=device)
+    return dict(image_to_caption=100 * (similarity.argmax(1) == target).float().mean().item(),
+                caption_to_image=100 * (similarity.argmax(0) == target).float().mean().item(),
+                chance=100 / scenes, scenes=scenes)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------
+def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100) -> Path:
+    """Train (or resume) ref-clip; returns the exported folder `out_dir/model` (CLIPModel, tokenizer, image processor)."""
+    if config.vision_layers < 1 or config.width % 16:
+        raise InputError(f"--vision-layers must be >= 1 and --width a multiple of 16, got {config.vision_layers}, {config.width}")
+    torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
+    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if not resume and checkpoint_path.exists():
+        raise InputError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
+    device = _device(config)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = caption_tokenizer(config, out)
+    model, image_processor = build_clip(tokenizer, config)
+    model.to(device)
+    # CLIP's recipe: no weight decay on gains, biases and the temperature.
+    decayed = [p for n, p in model.named_parameters() if p.dim() >= 2 and "logit_scale" not in n]
+    others = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "logit_scale" not in n)]
+    optimizer = torch.optim.AdamW([dict(params=decayed, weight_decay=config.weight_decay), dict(params=others, weight_decay=0.0)],
+                                  lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    start = 0
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start] if log_path.exists() else []
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+    model.train()
+    began = time.time()
+    batches = torch.utils.data.DataLoader(
+        Batches(config, tokenizer, image_processor), batch_size=None, sampler=range(start, config.steps),
+        num_workers=config.workers, pin_memory=device.type == "cuda",
+        worker_init_fn=_one_thread_per_worker if config.workers else None, prefetch_factor=4 if config.workers else None)
+    with log_path.open("a") as log:
+        for step, built in tqdm(enumerate(batches, start), initial=start, total=config.steps, desc="train ref-clip"):
+            inputs = {k: v.to(device, non_blocking=True) for k, v in built.items()}
+            loss = model(**inputs, return_loss=True).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():  # CLIP clamps the learned temperature at 100
+                model.logit_scale.clamp_(0, math.log(100))
+            log.write(json.dumps(dict(step=step, loss=round(loss.item(), 5), lr=scheduler.get_last_lr()[0],
+                                      temperature=round(model.logit_scale.exp().item(), 3),
+                                      seconds=round(time.time() - began, 2))) + "\n")
+            log.flush()
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                             step=step + 1, config=asdict(config))
+                torch.save(state, checkpoint_path.with_suffix(".tmp"))
+                checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # a kill while saving keeps the last one
+    folder = out / "model"
+    model.eval().to("cpu")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    if eval_scenes:
+        scores = retrieval(model, tokenizer, image_processor, eval_scenes)
+        (folder / "retrieval.json").write_text(json.dumps(scores, indent=1) + "\n")
+    return folder
