@@ -263,6 +263,16 @@ def test_a_run_that_failed_at_start_up_leaves_nothing_to_block_resume(saved_llav
     assert path.parent.name == "mine" and json.loads(path.read_text())["complete"] is True
 
 
+def test_a_plan_the_model_cannot_run_fails_the_eval_before_any_combo(tmp_path):
+    """tome merges between vision layers, which a Qwen ViT cannot take: the sweep stops at start, not after random."""
+    data = write_vqa_fixture(tmp_path / "data", n=2)
+    config = EvalConfig(model="tiny-qwen2-vl", tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(tmp_path / "out"),
+                        reducers=["random", "tome"], keeps=[4], gen_kwargs={"max_new_tokens": 2})
+    with pytest.raises(InputError, match="tome merges tokens between vision-encoder layers"):
+        run_eval(config)
+    assert not list((tmp_path / "out").rglob("*_results.json")) and not list((tmp_path / "out").rglob("*samples*"))
+
+
 def test_resume_finds_the_run_by_its_arguments_or_its_id(tmp_path):
     data = write_vqa_fixture(tmp_path / "data", n=2)
     common = dict(tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(tmp_path / "out"), **TINY)

@@ -145,8 +145,20 @@ class Pipelines:
         self.model_args = dict(config.model_args)
         self.device = self.model_args.pop("device", None) or group.default_device()
         self.first = None
+        self.built = {}
+
+    def check_all(self) -> None:
+        """Build every combo's Pipeline before the first sample, so a plan the model cannot run (a merge its encoder
+        cannot take, a layer it does not have) fails the run at start, not after hours of other combos."""
+        for reducer, keep in self.config.combos():
+            self.get(reducer, keep)
 
     def get(self, reducer: str, keep: int | None):
+        if (reducer, keep) not in self.built:
+            self.built[reducer, keep] = self._build(reducer, keep)
+        return self.built[reducer, keep]
+
+    def _build(self, reducer: str, keep: int | None):
         plan = reduction_plan(reducer, reducer_options(self.config, reducer, keep))
         if self.first is None:
             from tokenomy import load
@@ -287,6 +299,7 @@ def _run(config: EvalConfig, group: Group) -> Path:
     if group.is_main:
         store.write_results(results)
     try:
+        pipelines.check_all()
         _run_tasks(config, pipelines, group, store, results)
     except BaseException:
         if group.is_main and not resumed and not results["results"] and not store.has_samples():
