@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -209,13 +210,30 @@ def load_video(path, n_frames: Optional[int] = None, fps: Optional[float] = None
     raise InputError(f"cannot decode video {path}: " + "; ".join(failures))
 
 
+@dataclass(frozen=True)
+class VideoFile:
+    """A video file and how to sample its frames (`load_video`'s n_frames or fps; neither: DEFAULT_FRAMES frames).
+    Nothing is decoded until a Pipeline reads it, with its audio track when the model hears (eval tasks hand these
+    over, so the model decides whether the audio is read)."""
+
+    path: Path
+    n_frames: Optional[int] = None
+    fps: Optional[float] = None
+
+    def sampling(self) -> dict:
+        return {name: value for name, value in (("n_frames", self.n_frames), ("fps", self.fps)) if value is not None}
+
+
 def video_clip(video, with_audio: bool = False) -> tuple[np.ndarray, Optional[np.ndarray], str]:
     """(frames, audio or None, what was read of the audio) of a video given as a file path (DEFAULT_FRAMES frames;
-    its audio track when `with_audio`), a uint8 [T, H, W, 3] frame array, or {"frames": array, "audio": 16 kHz mono}."""
+    its audio track when `with_audio`), a VideoFile, a uint8 [T, H, W, 3] frame array, or {"frames": array,
+    "audio": 16 kHz mono}."""
     if isinstance(video, (str, os.PathLike)):
+        video = VideoFile(Path(video))
+    if isinstance(video, VideoFile):
         if not with_audio:
-            return load_video(video)[0], None, "not read: the model has no audio input"
-        frames, _, audio, meta = load_video_and_audio(video)
+            return load_video(video.path, **video.sampling())[0], None, "not read: the model has no audio input"
+        frames, _, audio, meta = load_video_and_audio(video.path, **video.sampling())
         return frames, audio, meta["audio"]
     if isinstance(video, dict):
         unknown = set(video) - {"frames", "audio"}
@@ -232,10 +250,12 @@ def video_clip(video, with_audio: bool = False) -> tuple[np.ndarray, Optional[np
 
 
 def video_frames(video, name: str | None = None) -> np.ndarray:
-    """uint8 [T, H, W, 3] RGB frames of a video given as a file path (DEFAULT_FRAMES frames, `load_video`) or as such
-    an array (a torch tensor is converted)."""
+    """uint8 [T, H, W, 3] RGB frames of a video given as a file path (DEFAULT_FRAMES frames, `load_video`), a VideoFile
+    or such an array (a torch tensor is converted)."""
     if isinstance(video, (str, os.PathLike)):
         return load_video(video)[0]
+    if isinstance(video, VideoFile):
+        return load_video(video.path, **video.sampling())[0]
     if hasattr(video, "numpy") and hasattr(video, "detach"):
         video = video.detach().cpu().numpy()
     label = name or "video"

@@ -314,6 +314,8 @@ def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group
     if not docs:
         raise InputError(f"task {task.name}: no usable samples in {config.data_dir}")
     results["task_configs"][task.name] = task.config()
+    if any(task.video(doc) is not None for doc in docs):
+        results["task_configs"][task.name]["video_input"] = video_input(pipelines.get(*config.combos()[0]))
     if group.is_main:
         store.consolidate(task.name)
     group.barrier()
@@ -379,9 +381,17 @@ def _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, sto
 def _warm_up(task, docs, chunk, pipeline, gen_kwargs) -> None:
     """One untimed call so that lazy initialisation and kernel selection stay out of the measurements."""
     try:
-        pipeline.generate([task.media(docs[chunk[0]])], [task.prompt(docs[chunk[0]])], **{**gen_kwargs, "max_new_tokens": 2})
+        images, video = task.inputs(docs[chunk[0]], pipeline.adapter.supports_video)
+        pipeline.generate([images], [task.prompt(docs[chunk[0]])], videos=[video], **{**gen_kwargs, "max_new_tokens": 2})
     except Exception:
         pass  # a bad first sample is reported when its chunk runs
+
+
+def video_input(pipeline) -> str:
+    """How a task's videos reach this model (Task.inputs), for the results file."""
+    if not pipeline.adapter.supports_video:
+        return "frames as images"
+    return "video with its audio track" if pipeline.adapter.reads_audio else "video"
 
 
 def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -> list[dict]:
@@ -390,7 +400,7 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
     records, ready = [], []
     for i in chunk:
         try:
-            ready.append((i, task.prompt(docs[i]), task.media(docs[i])))
+            ready.append((i, task.prompt(docs[i]), task.inputs(docs[i], pipeline.adapter.supports_video)))
         except Exception as exc:  # whatever library raised it, the failure is this sample's alone
             records.append({**base(i), "error": _fail_or_describe(config, task, docs[i], exc)})
     batches = [ready] if ready else []
@@ -398,7 +408,8 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
         batch = batches.pop(0)
         try:
             with Timer(pipeline.device) as timer:
-                generations = pipeline.generate([m for _, _, m in batch], [p for _, p, _ in batch], **gen_kwargs)
+                generations = pipeline.generate([images for _, _, (images, _) in batch], [p for _, p, _ in batch],
+                                                videos=[video for _, _, (_, video) in batch], **gen_kwargs)
         except Exception as exc:
             if len(batch) > 1:
                 batches = [[item] for item in batch] + batches  # isolate the culprit, to name it and keep the others
