@@ -304,9 +304,17 @@ class Pipeline:
             entered = sum(final[i].num_tokens for i in image_ids)
             surviving = [inputs.visual_positions[sample][k] for k in range(count)]
             per_layer = [entered] * num_layers
+            layer_positions = [[final[i].positions for i in image_ids]] * num_layers
             if run is not None:
                 surviving = [image["positions"] for image in run.samples[sample].images]
                 per_layer = run.visual_per_layer[sample]
+                layer_positions = run.positions_per_layer[sample]
+            items = [encoded[i] for i in image_ids]
+            counted = _by_modality(items, [item.tokens.positions for item in items], [item.num_tokens_in for item in items])
+            modalities_in = {name: tokens for name, tokens in counted.items() if tokens}
+            present = lambda counts: {name: counts.get(name, 0) for name in modalities_in}
+            modalities_entering = present(_by_modality(items, [final[i].positions for i in image_ids]))
+            modalities_per_layer = [present(_by_modality(items, layer)) for layer in layer_positions]
             kept_indices = [encoded[i].index_of(positions[:, 0] if positions.dim() == 3 else positions).tolist()
                             for i, positions in zip(image_ids, surviving)]
             stats = dict(
@@ -318,6 +326,14 @@ class Pipeline:
                 visual_tokens_per_layer=per_layer,
                 # What SEATS budgets count: the visual tokens each LLM layer reads, averaged, over those that came in.
                 layer_averaged_retention=sum(per_layer) / (len(per_layer) * visual_in) if per_layer and visual_in else 1.0,
+                visual_tokens_entering_llm=entered,
+                # The same per modality ("image", "video", "audio": those the prompt holds), which SEATS budgets apart.
+                visual_tokens_in_per_modality=modalities_in,
+                visual_tokens_entering_llm_per_modality=modalities_entering,
+                visual_tokens_per_layer_per_modality={name: [layer[name] for layer in modalities_per_layer] for name in modalities_in},
+                layer_averaged_retention_per_modality={
+                    name: sum(layer[name] for layer in modalities_per_layer) / (num_layers * tokens)
+                    for name, tokens in modalities_in.items()},
                 prefill_tokens=int(inputs.attention_mask[sample].sum()),
                 kept_indices=kept_indices,
                 stages=[records[id(stage)].summary(image_ids) for stage in self.plan.stages],
@@ -330,6 +346,20 @@ class Pipeline:
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
             results.append(Generation(text=text, token_ids=new_tokens, stats=stats))
         return results
+
+
+def _by_modality(items: list, positions: list, totals: list | None = None) -> dict:
+    """Tokens per modality of a sample's items, given each item's token positions: an image's are "image"; a video's
+    are "video", except those adapters place at (j, -1, -1), its audio track's ("audio"). `totals`: each item's
+    unreduced token count, which an encoder-site stage may have cut before these positions were taken."""
+    counts = {}
+    for number, (item, where) in enumerate(zip(items, positions)):
+        rows = where if where.dim() == 2 else where[:, 0]
+        audio = int((rows[:, 1] < 0).sum()) if item.token_ids else 0
+        total = len(rows) if totals is None else totals[number]
+        for name, tokens in (("video" if item.token_ids else "image", total - audio), ("audio", audio)):
+            counts[name] = counts.get(name, 0) + tokens
+    return counts
 
 
 def _expanded(plan: Plan, family: str) -> Plan:
