@@ -17,7 +17,8 @@ same frames whichever decodes it; only the sampled frames are kept, so a long vi
 - `n_frames` asks for that many frames (fewer when the video is shorter: every frame once); `fps` for that rate
   over the video's duration, at most `max_frames`; `indices` for exact frames, and one past the end is an error.
 - A file that no backend can open, or a video stream with 0 frames, is an InputError.
-Audio (`load_audio`, `load_video_and_audio`): the first audio stream, resampled by PyAV to 16 kHz mono float32.
+Audio (`load_audio`, `load_video_and_audio`): the first audio stream, resampled by PyAV to 16 kHz mono float32;
+`audio_clip` takes a standalone audio as a file or as such samples (an empty one, or NaN samples, is an InputError).
 A video without an audio stream, or with an empty one, reads as video only: `load_video_and_audio` returns None
 for the audio and says why in meta["audio"]; `load_audio` itself refuses such a file.
 """
@@ -294,6 +295,25 @@ def load_video_and_audio(path, sample_rate: int = AUDIO_SAMPLE_RATE, **video_opt
     audio, reason = _read_audio(Path(path), sample_rate)
     meta["audio"] = f"{audio.size} samples, {sample_rate} Hz mono" if audio is not None else f"none: {reason}"
     return frames, times, audio, meta
+
+
+def audio_clip(audio) -> np.ndarray:
+    """float32 [S] mono at AUDIO_SAMPLE_RATE of a standalone audio given as a media file path (its first audio stream,
+    resampled: `load_audio`) or as such samples."""
+    if isinstance(audio, (str, os.PathLike)):
+        return load_audio(audio)
+    if hasattr(audio, "numpy") and hasattr(audio, "detach"):
+        audio = audio.detach().cpu().numpy()
+    if not isinstance(audio, np.ndarray) or audio.dtype.kind != "f":
+        raise InputError(f"an audio must be a file path or float samples [S] at {AUDIO_SAMPLE_RATE} Hz mono, got "
+                         f"{type(audio).__name__}{'' if not isinstance(audio, np.ndarray) else ' of ' + str(audio.dtype)}")
+    if audio.ndim != 1:
+        raise InputError(f"an audio must be mono samples [S] at {AUDIO_SAMPLE_RATE} Hz, got shape {list(audio.shape)}")
+    if audio.size == 0:
+        raise InputError("an audio is empty (0 samples)")
+    if not np.isfinite(audio).all():
+        raise InputError("an audio holds NaN or infinite samples")
+    return audio.astype(np.float32)
 
 
 def _read_audio(path: Path, sample_rate: int) -> tuple[Optional[np.ndarray], str]:

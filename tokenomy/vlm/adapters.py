@@ -46,6 +46,9 @@ class EncodedImage:
     token_ids: tuple = ()  # placeholder ids its span is made of (a video's, or audio and video interleaved); () = image
 
 
+MEDIA_MARKERS = ("<image>", "<video>", "<audio>")
+
+
 def _in_order(features, offsets):
     return features, offsets, torch.arange(len(features), device=features.device)
 
@@ -93,17 +96,18 @@ class Adapter(ABC):
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     supports_video = False
-    reads_audio = False  # whether a video's audio track is an input
+    reads_audio = False  # whether audio is an input: a video's audio track, a standalone audio
 
-    def chat_text(self, prompt: str, num_images: int, num_videos: int = 0) -> str:
-        """The model's chat template around the user's prompt; '<image>' and '<video>' mark where each image and
-        video goes (without markers: the images, then the videos, then the text)."""
+    def chat_text(self, prompt: str, num_images: int, num_videos: int = 0, num_audios: int = 0) -> str:
+        """The model's chat template around the user's prompt; '<image>', '<video>' and '<audio>' mark where each image,
+        video and audio goes (without markers: the images, then the videos, then the audios, then the text)."""
         content = []
-        if "<image>" not in prompt and "<video>" not in prompt:
-            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
+        if not any(marker in prompt for marker in MEDIA_MARKERS):
+            content = ([{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "audio"}] * num_audios
+                       + [{"type": "text", "text": prompt}])
         else:
-            for piece in re.split(r"(<image>|<video>)", prompt):
-                if piece in ("<image>", "<video>"):
+            for piece in re.split(r"(<image>|<video>|<audio>)", prompt):
+                if piece in MEDIA_MARKERS:
                     content.append({"type": piece[1:-1]})
                 elif piece:
                     content.append({"type": "text", "text": piece})
@@ -113,11 +117,14 @@ class Adapter(ABC):
         image = getattr(self.processor, "image_token", "<image>")
         return "".join(image + "\n" if item["type"] == "image" else item["text"] for item in content)
 
-    def process(self, texts: list, images: list, videos: list = ()):
-        """Processor inputs; videos are (frames uint8 [T, H, W, 3], audio or None, note) as tokenomy.io.video_clip gives."""
+    def process(self, texts: list, images: list, videos: list = (), audios: list = ()):
+        """Processor inputs; videos are (frames uint8 [T, H, W, 3], audio or None, note) as tokenomy.io.video_clip gives,
+        audios float32 [S] at 16 kHz (tokenomy.io.audio_clip)."""
         if videos and not self.supports_video:
             raise InputError(f"{self.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni model, or "
                              "pass a video's frames as images")
+        if audios:
+            raise InputError(f"{self.family} models do not hear audio; use a Qwen2.5-Omni model")
         self.tokenizer.padding_side = "left"
         return self.processor(**self._processor_kwargs(texts, images, videos))
 
@@ -462,19 +469,43 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
     family = "qwen2.5-omni"
     reads_audio = True
 
-    def process(self, texts, images, videos=()):
+    def process(self, texts, images, videos=(), audios=()):
+        """Audio slots (the processor's `audio` list) in the order their tokens come in the batch, which is the order
+        the thinker's positions (get_rope_index) and its audio features read them in: a heard video's track where
+        the video is, a standalone audio where its '<audio>' is."""
         heard = [audio is not None for _, audio, _ in videos]
         if any(heard) and not all(heard):
-            raise InputError("in one batch, either every video has an audio track or none has (use_audio_in_video is one "
-                             "setting per batch in transformers); run them in separate batches")
+            raise InputError("in one batch, either every video has an audio track or none has (transformers' Qwen2.5-Omni "
+                             "positions take one use_audio_in_video setting per call); run them in separate batches")
         kwargs = self._processor_kwargs(texts, images, videos)
+        owners = self._audio_slot_owners(texts, len(videos), len(audios), any(heard))
+        standalone = iter(audios)
+        slots = [videos[owner][1] if owner is not None else next(standalone) for owner in owners]
         if any(heard):
-            kwargs.update(audio=[audio for _, audio, _ in videos], audio_from_video_indices=list(range(len(videos))),
-                          load_audio_from_video=True)
+            kwargs.update(audio=slots, audio_from_video_indices=owners, load_audio_from_video=True)
+        elif slots:
+            kwargs.update(audio=slots)
         self.tokenizer.padding_side = "left"
         batch = self.processor(**kwargs)
         batch["use_audio_in_video"] = any(heard)
         return batch
+
+    def _audio_slot_owners(self, texts, num_videos, num_audios, heard) -> list:
+        """Per audio slot in batch order: the index of the video whose track it is, or None for a standalone audio."""
+        video, audio = self.processor.video_token, self.processor.audio_token
+        owners, videos_seen = [], 0
+        for text in texts:
+            for token in re.findall(f"{re.escape(video)}|{re.escape(audio)}", text):
+                if token == audio:
+                    owners.append(None)
+                    continue
+                if heard:
+                    owners.append(videos_seen)
+                videos_seen += 1
+        if videos_seen != num_videos or owners.count(None) != num_audios:
+            raise InputError(f"the prompts hold places for {videos_seen} videos and {owners.count(None)} audios, but "
+                             f"{num_videos} and {num_audios} were given")
+        return owners
 
     @property
     def audio_token_id(self):
@@ -483,25 +514,75 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
     def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
         if encoder_stages:
             raise InputError("encoder-site reducers are not supported on Qwen2.5-Omni models yet")
-        interleaved = bool(batch.get("use_audio_in_video"))
-        audio = self._audio_features(batch, WINDOW_ATTENTION in request.layers) if interleaved else []
+        owners = self._audio_owners_in(batch["input_ids"])
+        tracks = self._audio_features(batch, WINDOW_ATTENTION in request.layers) if owners else []
+        track_of_video = {owner: track for owner, track in zip(owners, tracks) if owner is not None}
+        standalone = [track for owner, track in zip(owners, tracks) if owner is None]
         pieces = {}
         for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
             grid_thw = batch.get(grid_key)
             pieces[kind] = [] if grid_thw is None else self._encode_grids(batch[pixels_key], grid_thw)
         sizes = {"image": [item[0] for item in pieces["image"]],
-                 "video": [item[0] + (len(audio[n][0]) if interleaved else 0) for n, item in enumerate(pieces["video"])]}
-        ids = {"image": self.image_token_id, "video": self.video_token_id}
-        order = _sequence_order(batch["input_ids"], ids, sizes, also={"video": self.audio_token_id} if interleaved else None)
-        encoded, spans = [], self._video_spans(batch["input_ids"]) if interleaved else None
+                 "video": [item[0] + (len(track_of_video[n][0]) if n in track_of_video else 0) for n, item in enumerate(pieces["video"])],
+                 "audio": [len(track[0]) for track in standalone]}
+        ids = {"image": self.image_token_id, "video": self.video_token_id, "audio": self.audio_token_id}
+        order = _sequence_order(batch["input_ids"], ids, sizes, also={"video": self.audio_token_id} if track_of_video else None)
+        encoded, spans = [], self._video_spans(batch["input_ids"]) if track_of_video else None
+        heard_videos = sorted(track_of_video)
         for kind, number in order:
-            pixels, grid_thw = pieces[kind][number][1:]
-            if kind == "video" and interleaved:
-                encoded.append(self._encode_interleaved(pixels, grid_thw, *audio[number], spans[number], request))
+            if kind == "audio":
+                encoded.append(self._encode_audio(*standalone[number], request))
+            elif kind == "video" and number in track_of_video:
+                pixels, grid_thw = pieces[kind][number][1:]
+                encoded.append(self._encode_interleaved(pixels, grid_thw, *track_of_video[number],
+                                                        spans[heard_videos.index(number)], request))
             else:
+                pixels, grid_thw = pieces[kind][number][1:]
                 encoded.append(self._encode_one(pixels, grid_thw, request, (), requests, records, len(encoded),
                                                 () if kind == "image" else (self.video_token_id,)))
         return encoded
+
+    def _audio_owners_in(self, input_ids) -> list:
+        """`_audio_slot_owners` read back from the processed ids: an audio span (between the audio markers) that holds
+        video tokens is that video's track; one without is a standalone audio."""
+        start, end = int(self.model.config.audio_start_token_id), int(self.model.config.audio_end_token_id)
+        owners, videos_seen = [], 0
+        for row in input_ids.tolist():
+            position = 0
+            while position < len(row):
+                if row[position] == start:
+                    close = row.index(end, position)
+                    heard = self.video_token_id in row[position:close]
+                    owners.append(videos_seen if heard else None)
+                    videos_seen += heard
+                    position = close
+                elif row[position] == self.video_token_id:
+                    videos_seen += 1
+                    while position + 1 < len(row) and row[position + 1] == self.video_token_id:
+                        position += 1
+                position += 1
+        return owners
+
+    def _encode_audio(self, audio, audio_attention, request):
+        """A standalone audio: its LLM-width tokens at positions (j, -1, -1); of the signals only window_attention
+        (the audio encoder's, in 2-second windows) exists for it."""
+        missing = sorted(set(request.layers) - {WINDOW_ATTENTION})
+        if missing:
+            raise InputError(f"a standalone audio has no {missing[0]} (a vision-encoder signal); use a reducer that does not "
+                             "need it on audio (random, fastv, seats)")
+        n = len(audio)
+        positions = torch.full((n, 3), -1, dtype=torch.long, device=audio.device)
+        positions[:, 0] = torch.arange(n, device=audio.device)
+        signals = {}
+        if WINDOW_ATTENTION in request.layers:
+            layers = request.resolve(self.vision.num_layers)[WINDOW_ATTENTION]
+            signals[WINDOW_ATTENTION] = {layer: audio_attention.float() for layer in layers}
+
+        def offsets(where):
+            return where[..., 0]
+
+        tokens = ImageTokens(audio, positions, project=lambda x: x)
+        return EncodedImage(tokens, VisionSignals(signals), n, lambda x: x, offsets, _in_order, n, offsets, (self.audio_token_id,))
 
     def _audio_features(self, batch, window_attention: bool) -> list:
         """Per audio track (= per video, in order): (its LLM-width tokens [n, d], and when asked the attention each
@@ -535,13 +616,16 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         return out
 
     def _video_spans(self, input_ids) -> list:
-        """Per video with audio, in batch order: is_video [n] over its interleaved placeholders, in sequence order."""
+        """Per video with audio, in batch order: is_video [n] over its interleaved placeholders, in sequence order
+        (a standalone audio's span, between the same markers, holds no video token)."""
         spans = []
         for row in input_ids:
             starts = torch.nonzero(row == int(self.model.config.audio_start_token_id)).squeeze(1)
             ends = torch.nonzero(row == int(self.model.config.audio_end_token_id)).squeeze(1)
             for start, end in zip(starts.tolist(), ends.tolist()):
-                spans.append(row[start + 1 : end] == self.video_token_id)
+                is_video = row[start + 1 : end] == self.video_token_id
+                if bool(is_video.any()):
+                    spans.append(is_video)
         return spans
 
     def _encode_interleaved(self, pixels, grid_thw, audio, audio_attention, is_video, request):

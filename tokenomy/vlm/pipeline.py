@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from tokenomy.errors import InputError, UnknownNameError
-from tokenomy.io import load_image, video_clip
+from tokenomy.io import audio_clip, load_image, video_clip
 from tokenomy.reducers.base import INSTRUCTION_EMBEDDINGS, LLM_SIGNALS, ImageTokens, PositionPolicy, Site
 from tokenomy.reducers.plan import Plan, build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
-from tokenomy.vlm.adapters import ADAPTERS, adapter_for
+from tokenomy.vlm.adapters import ADAPTERS, MEDIA_MARKERS, adapter_for
 from tokenomy.vlm.assembly import assemble
 from tokenomy.vlm.in_llm import LLMRun, Step
 from tokenomy.vlm.loading import load_local, missing_folder_error, resolve_dtype
@@ -142,33 +142,38 @@ class Pipeline:
         return self.adapter.text_config
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def _normalise(self, images, prompts, videos=None):
-        """(prompts, images per prompt, videos per prompt). A video is a file path (read by tokenomy.io.load_video)
-        or a uint8 [T, H, W, 3] RGB frame array (or {"frames": ..., "audio": ...}); a prompt's entry is one video or a
-        list of them. Models that hear (Qwen2.5-Omni) read a file's audio track with it."""
+    def _normalise(self, images, prompts, videos=None, audios=None):
+        """(prompts, images per prompt, videos per prompt, audios per prompt). A video is a file path (read by
+        tokenomy.io.load_video), a tokenomy.io.VideoFile, or a uint8 [T, H, W, 3] RGB frame array (or {"frames": ...,
+        "audio": ...}); an audio is a file path or float32 [S] samples at 16 kHz mono; a prompt's entry is one of them or
+        a list. Models that hear (Qwen2.5-Omni) read a video file's audio track with it."""
         if isinstance(prompts, str):
-            prompts, images, videos = [prompts], [images], [videos]
-        if images is None:
-            images = [None] * len(prompts)
-        if videos is None:
-            videos = [None] * len(prompts)
-        for kind, given in (("image", images), ("video", videos)):
-            if len(given) != len(prompts):
-                raise InputError(f"got {len(prompts)} prompts but {len(given)} {kind} entries; give one entry per prompt")
-        per_prompt, videos_per_prompt = [], []
-        for index, (prompt, entry, clips) in enumerate(zip(prompts, images, videos)):
+            prompts, images, videos, audios = [prompts], [images], [videos], [audios]
+        given = {"image": images, "video": videos, "audio": audios}
+        for kind in given:
+            given[kind] = [None] * len(prompts) if given[kind] is None else given[kind]
+            if len(given[kind]) != len(prompts):
+                raise InputError(f"got {len(prompts)} prompts but {len(given[kind])} {kind} entries; give one entry per prompt")
+        per_prompt, videos_per_prompt, audios_per_prompt = [], [], []
+        for index, (prompt, entry, clips, sounds) in enumerate(zip(prompts, *given.values())):
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {index} must be a string, got {type(prompt).__name__}")
-            entry = [] if entry is None else entry if isinstance(entry, (list, tuple)) else [entry]
-            clips = [] if clips is None else list(clips) if isinstance(clips, (list, tuple)) else [clips]
-            for marker, given, kind in (("<image>", entry, "images"), ("<video>", clips, "videos")):
+            entry, clips, sounds = ([] if item is None else list(item) if isinstance(item, (list, tuple)) else [item]
+                                    for item in (entry, clips, sounds))
+            for marker, items, kind in (("<image>", entry, "images"), ("<video>", clips, "videos"), ("<audio>", sounds, "audios")):
                 placeholders = prompt.count(marker)
-                if placeholders and placeholders != len(given):
-                    raise InputError(f"prompt {index} has {placeholders} '{marker}' placeholders but {len(given)} {kind}")
+                if placeholders and placeholders != len(items):
+                    raise InputError(f"prompt {index} has {placeholders} '{marker}' placeholders but {len(items)} {kind}")
+            if clips and not self.adapter.supports_video:
+                raise InputError(f"{self.adapter.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni "
+                                 "model, or pass a video's frames as images")
+            if sounds and not self.adapter.reads_audio:
+                raise InputError(f"{self.adapter.family} models do not hear audio; use a Qwen2.5-Omni model")
             self._refuse_reserved_tokens(index, prompt)
             per_prompt.append([self._prepared(load_image(image)) for image in entry])
             videos_per_prompt.append([video_clip(clip, with_audio=self.adapter.reads_audio) for clip in clips])
-        return prompts, per_prompt, videos_per_prompt
+            audios_per_prompt.append([audio_clip(sound) for sound in sounds])
+        return prompts, per_prompt, videos_per_prompt, audios_per_prompt
 
     def _prepared(self, image):
         for stage in self.plan.stages:
@@ -177,19 +182,22 @@ class Pipeline:
 
     def _user_token_ids(self, prompt) -> list:
         """Token ids of the user's own words: no chat template, and tokenomy's media markers left out."""
-        return self.adapter.tokenizer(prompt.replace("<image>", " ").replace("<video>", " "), add_special_tokens=False)["input_ids"]
+        for marker in MEDIA_MARKERS:
+            prompt = prompt.replace(marker, " ")
+        return self.adapter.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def _refuse_reserved_tokens(self, index, prompt):
         """The model's own image/video tokens in a user's text would be read as placeholders; '<image>' is ours."""
         config = self.model.config
         reserved = {getattr(config, name, None) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                              "vision_end_token_id")} - {None}
+                                                              "vision_end_token_id", "audio_token_id", "audio_start_token_id",
+                                                              "audio_end_token_id")} - {None}
         ids = self._user_token_ids(prompt)
         found = sorted(set(ids) & reserved)
         if found:
             names = self.adapter.tokenizer.convert_ids_to_tokens(found)
-            raise InputError(f"prompt {index} contains the model's reserved token(s) {names}; mark images with '<image>' and "
-                             "videos with '<video>'")
+            raise InputError(f"prompt {index} contains the model's reserved token(s) {names}; mark images with '<image>', "
+                             "videos with '<video>' and audios with '<audio>'")
 
     def _check_lengths(self, inputs, max_new_tokens):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -206,22 +214,24 @@ class Pipeline:
                     f"prefill tokens + max_new_tokens={max_new_tokens}), beyond this model's {limit}; shorten the prompt"
                 )
 
-    def prepare(self, images, prompts, videos=None):
+    def prepare(self, images, prompts, videos=None, audios=None):
         """Process, encode, run the vision-site stages and assemble. Returns (llm_kwargs, context, info)."""
-        prompts, per_prompt, videos_per_prompt = self._normalise(images, prompts, videos)
-        texts = [self.adapter.chat_text(p, len(imgs), len(clips)) for p, imgs, clips in zip(prompts, per_prompt, videos_per_prompt)]
+        prompts, per_prompt, videos_per_prompt, audios_per_prompt = self._normalise(images, prompts, videos, audios)
+        texts = [self.adapter.chat_text(p, len(imgs), len(clips), len(sounds))
+                 for p, imgs, clips, sounds in zip(prompts, per_prompt, videos_per_prompt, audios_per_prompt)]
         flat_images = [image for imgs in per_prompt for image in imgs]
         flat_videos = [clip for clips in videos_per_prompt for clip in clips]
-        batch = self.adapter.process(texts, flat_images, flat_videos).to(self.device)
+        flat_audios = [sound for sounds in audios_per_prompt for sound in sounds]
+        batch = self.adapter.process(texts, flat_images, flat_videos, flat_audios).to(self.device)
         vision = self.adapter.vision
         num_layers, feature = vision.num_layers, self.adapter.layers_run - 1
         records = {id(stage): StageRecord(stage.name, stage.site) for stage in self.plan.stages}
         encoded, final = [], []
-        if flat_images or flat_videos:
+        if flat_images or flat_videos or flat_audios:
             requests = [stage.vision_request(num_layers, feature) for stage in self.plan.stages if stage.site is not Site.LLM]
             encoder_stages = self.plan.at(Site.ENCODER)
             encoded = self.adapter.encode_images(batch, union_request(requests), encoder_stages, self._encoder_requests, records)
-            items_per_prompt = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
+            items_per_prompt = [imgs + clips + sounds for imgs, clips, sounds in zip(per_prompt, videos_per_prompt, audios_per_prompt)]
             contexts = self._post_projector_contexts(prompts, items_per_prompt)
             for index, image in enumerate(encoded):
                 tokens = run_vision_stages(self.plan.at(Site.PRE_PROJECTOR), image.tokens, image.signals, num_layers, feature, index, records)
@@ -236,8 +246,8 @@ class Pipeline:
             position_ids=self.adapter.llm_position_ids(inputs.position_ids, inputs.attention_mask),
         )
         context = self.llm_context(inputs, records if encoded else None)
-        # Stats count a prompt's images and videos together, in the order they were encoded.
-        items = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
+        # Stats count a prompt's images, videos and audios together, in the order they were encoded.
+        items = [imgs + clips + sounds for imgs, clips, sounds in zip(per_prompt, videos_per_prompt, audios_per_prompt)]
         audio = [[note for _, _, note in clips] for clips in videos_per_prompt]
         info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=items, records=records, audio=audio)
         return llm_kwargs, context, info
@@ -265,19 +275,20 @@ class Pipeline:
 
     # ---- running --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images, prompts, videos=None):
+    def forward(self, images, prompts, videos=None, audios=None):
         """Prefill logits [B, L', vocab] of the reduced sequence (left-padded)."""
-        llm_kwargs, context, info = self.prepare(images, prompts, videos)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos, audios)
         self._check_lengths(info["inputs"], 1)
         with context:
             return self.model(**llm_kwargs, use_cache=True).logits
 
     @torch.no_grad()
-    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, videos=None, **generate_kwargs) -> list:
-        """videos: per prompt a video or a list of them ('<video>' in the prompt marks where each goes)."""
+    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, videos=None, audios=None, **generate_kwargs) -> list:
+        """videos / audios: per prompt a video / audio or a list of them ('<video>' / '<audio>' in the prompt marks where
+        each goes)."""
         timer = _ForwardTimer(self.model)
         start = timer.now()
-        llm_kwargs, context, info = self.prepare(images, prompts, videos)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos, audios)
         self._check_lengths(info["inputs"], max_new_tokens)
         timer.prepare_ms = (timer.now() - start) * 1e3
         tokenizer = self.adapter.tokenizer
