@@ -1,5 +1,6 @@
 """Standalone audio on tiny-qwen2.5-omni ('<audio>' with a file or 16 kHz samples): identical to the stock thinker,
-also next to a video with its own track; random, fastv and seats apply to it, batch = singles; clear errors."""
+also next to a video with its own track; random, fastv and seats apply to it, batch = singles; clear errors. A batch
+whose prompts mix heard and silent videos equals its single runs; one prompt mixing them is refused."""
 import av
 import numpy as np
 import pytest
@@ -111,3 +112,26 @@ def test_bad_audio_is_refused(omni):
         omni.generate(None, "<audio> and <audio>?", audios=[tone(440, 1.0)])
     with pytest.raises(InputError, match="reserved token"):
         omni.generate(None, "<|AUDIO|> here", audios=tone(440, 1.0))
+
+
+@pytest.mark.parametrize("reducer, options", [("none", {}), ("random", dict(keep=12))])
+def test_heard_and_silent_videos_in_one_batch_equal_singles(reducer, options):
+    pipeline = tokenomy.load("tiny-qwen2.5-omni", reducer, **options)
+    prompts = ["<video>What happens?", "Describe <video> in words.", "<video> and <audio>?"]
+    videos = [clip(0), {"frames": clip(1, frames=12)["frames"]}, {"frames": clip(2)["frames"]}]
+    audios = [None, None, tone(440, 1.0)]
+    logits = pipeline.forward([None] * 3, prompts, videos, audios)
+    together = pipeline.generate([None] * 3, prompts, max_new_tokens=4, videos=videos, audios=audios, eos_token_id=None)
+    for index, (prompt, video, audio, joint) in enumerate(zip(prompts, videos, audios, together)):
+        alone_logits = pipeline.forward([None], [prompt], [video], [audio])
+        assert (alone_logits[0, -1] - logits[index, -1]).abs().max().item() <= 1e-5
+        (alone,) = pipeline.generate([None], [prompt], max_new_tokens=4, videos=[video], audios=[audio], eos_token_id=None)
+        assert alone.token_ids == joint.token_ids and alone.stats["kept_indices"] == joint.stats["kept_indices"]
+    assert together[0].stats["video_audio"][0].endswith("(given)") and together[1].stats["video_audio"] == ["none: not given"]
+    assert list(together[0].stats["visual_tokens_in_per_modality"]) == ["video", "audio"]
+    assert list(together[1].stats["visual_tokens_in_per_modality"]) == ["video"]
+
+
+def test_one_prompt_mixing_heard_and_silent_videos_is_refused(omni):
+    with pytest.raises(InputError, match="prompt 0 holds videos with and without an audio track"):
+        omni.generate(None, "<video> and <video>?", videos=[clip(0), {"frames": clip(1)["frames"]}])

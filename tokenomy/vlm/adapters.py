@@ -474,11 +474,8 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         the thinker's positions (get_rope_index) and its audio features read them in: a heard video's track where
         the video is, a standalone audio where its '<audio>' is."""
         heard = [audio is not None for _, audio, _ in videos]
-        if any(heard) and not all(heard):
-            raise InputError("in one batch, either every video has an audio track or none has (transformers' Qwen2.5-Omni "
-                             "positions take one use_audio_in_video setting per call); run them in separate batches")
         kwargs = self._processor_kwargs(texts, images, videos)
-        owners = self._audio_slot_owners(texts, len(videos), len(audios), any(heard))
+        owners = self._audio_slot_owners(texts, heard, len(audios))
         standalone = iter(audios)
         slots = [videos[owner][1] if owner is not None else next(standalone) for owner in owners]
         if any(heard):
@@ -490,21 +487,30 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         batch["use_audio_in_video"] = any(heard)
         return batch
 
-    def _audio_slot_owners(self, texts, num_videos, num_audios, heard) -> list:
-        """Per audio slot in batch order: the index of the video whose track it is, or None for a standalone audio."""
+    def _audio_slot_owners(self, texts, heard, num_audios) -> list:
+        """Per audio slot in batch order: the index of the video whose track it is, or None for a standalone audio.
+        A prompt's videos are all heard or all silent: transformers' positions (get_rope_index) read one
+        use_audio_in_video setting per call, and tokenomy calls it once per prompt."""
         video, audio = self.processor.video_token, self.processor.audio_token
         owners, videos_seen = [], 0
-        for text in texts:
+        for index, text in enumerate(texts):
+            kinds = set()
             for token in re.findall(f"{re.escape(video)}|{re.escape(audio)}", text):
                 if token == audio:
                     owners.append(None)
                     continue
-                if heard:
-                    owners.append(videos_seen)
+                if videos_seen < len(heard):
+                    kinds.add(heard[videos_seen])
+                    if heard[videos_seen]:
+                        owners.append(videos_seen)
                 videos_seen += 1
-        if videos_seen != num_videos or owners.count(None) != num_audios:
+            if len(kinds) > 1:
+                raise InputError(f"prompt {index} holds videos with and without an audio track; transformers' Qwen2.5-Omni "
+                                 "positions take one use_audio_in_video setting per prompt: give every video of a prompt "
+                                 "its audio or none (other prompts of the batch may differ)")
+        if videos_seen != len(heard) or owners.count(None) != num_audios:
             raise InputError(f"the prompts hold places for {videos_seen} videos and {owners.count(None)} audios, but "
-                             f"{num_videos} and {num_audios} were given")
+                             f"{len(heard)} and {num_audios} were given")
         return owners
 
     @property
@@ -543,25 +549,34 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         return encoded
 
     def _audio_owners_in(self, input_ids) -> list:
-        """`_audio_slot_owners` read back from the processed ids: an audio span (between the audio markers) that holds
-        video tokens is that video's track; one without is a standalone audio."""
+        """`_audio_slot_owners` read back from the processed ids."""
+        return [owner for row in self._row_items(input_ids) for owner in row["audio_owners"]]
+
+    def _row_items(self, input_ids) -> list:
+        """Per row: its images, videos and audio slots (an audio span, between the audio markers, that holds video
+        tokens is that video's track, its index among the batch's videos; one without is a standalone audio: None)."""
         start, end = int(self.model.config.audio_start_token_id), int(self.model.config.audio_end_token_id)
-        owners, videos_seen = [], 0
+        rows, videos_seen = [], 0
         for row in input_ids.tolist():
+            items = dict(images=0, videos=0, audio_owners=[])
             position = 0
             while position < len(row):
-                if row[position] == start:
+                token = row[position]
+                if token == start:
                     close = row.index(end, position)
                     heard = self.video_token_id in row[position:close]
-                    owners.append(videos_seen if heard else None)
+                    items["audio_owners"].append(videos_seen if heard else None)
+                    items["videos"] += heard
                     videos_seen += heard
                     position = close
-                elif row[position] == self.video_token_id:
-                    videos_seen += 1
-                    while position + 1 < len(row) and row[position + 1] == self.video_token_id:
+                elif token in (self.video_token_id, self.image_token_id):
+                    items["videos" if token == self.video_token_id else "images"] += 1
+                    videos_seen += token == self.video_token_id
+                    while position + 1 < len(row) and row[position + 1] == token:
                         position += 1
                 position += 1
-        return owners
+            rows.append(items)
+        return rows
 
     def _encode_audio(self, audio, audio_attention, request):
         """A standalone audio: its LLM-width tokens at positions (j, -1, -1); of the signals only window_attention
@@ -665,12 +680,27 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
                             (self.video_token_id, self.audio_token_id))
 
     def reference_positions(self, batch):
+        """transformers' positions, one prompt at a time: its use_audio_in_video is whether that prompt's videos are
+        heard, so a batch may mix heard and silent videos across prompts."""
         lengths = batch["feature_attention_mask"].sum(-1) if "feature_attention_mask" in batch else None
-        positions, _ = self.model.model.get_rope_index(
-            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch["attention_mask"],
-            bool(batch.get("use_audio_in_video")), lengths, batch.get("video_second_per_grid"),
-        )
-        return positions
+        columns = {"image": batch.get("image_grid_thw"), "video": batch.get("video_grid_thw"), "audio": lengths,
+                   "seconds": batch.get("video_second_per_grid")}
+        cursor = dict.fromkeys(columns, 0)
+        rows = []
+        for row, items in enumerate(self._row_items(batch["input_ids"])):
+            counts = {"image": items["images"], "video": items["videos"], "audio": len(items["audio_owners"]),
+                      "seconds": items["videos"]}
+            taken = {}
+            for name, values in columns.items():
+                taken[name] = values[cursor[name]:cursor[name] + counts[name]] if values is not None and counts[name] else None
+                cursor[name] += counts[name]
+            heard = any(owner is not None for owner in items["audio_owners"])
+            positions, _ = self.model.model.get_rope_index(
+                batch["input_ids"][row:row + 1], taken["image"], taken["video"], batch["attention_mask"][row:row + 1],
+                heard, taken["audio"], taken["seconds"],
+            )
+            rows.append(positions)
+        return torch.cat(rows, dim=1)
 
 
 class ComposedAdapter(LlavaAdapter):
