@@ -16,7 +16,7 @@ import torch
 from tokenomy.errors import InputError, ModelLoadError
 from tokenomy.reducers.base import ImageTokens, PositionPolicy
 from tokenomy.ops.window_attention import window_attention_received
-from tokenomy.vision.base import WINDOW_ATTENTION, SignalRequest, grid_positions, layers_to_run
+from tokenomy.vision.base import KEYS, VALUES, WINDOW_ATTENTION, SignalRequest, grid_positions, layers_to_run
 from tokenomy.vision.hf import HFViTEncoder
 from tokenomy.vision.qwen_vit import QwenViTEncoder
 from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
@@ -379,6 +379,18 @@ class QwenVLAdapter(Adapter):
     def _encode_one(self, pixels, grid_thw, request, encoder_stages, requests, records, item, token_ids):
         t, h, w = grid_thw[0].tolist()
         merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
+        out, positions = self._run_vit(pixels, grid_thw, request, encoder_stages, requests, records, item)
+        tokens = ImageTokens(out.tokens[0], positions, project=self._project)
+        units = t * merged_grid[1] * merged_grid[2]
+        offsets = _raster_offsets(merged_grid)
+        return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,
+                            token_ids)
+
+    def _run_vit(self, pixels, grid_thw, request, encoder_stages, requests, records, item):
+        """The ViT over one item with the encoder-site stages between its blocks: (output, TRUE (t, h, w) positions in
+        the merged grid of the tokens it kept, in the order they come out)."""
+        t, h, w = grid_thw[0].tolist()
+        merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
         hooks, site_hook, last_units = (), None, {}
         if encoder_stages:
             site_hook = EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
@@ -397,11 +409,7 @@ class QwenVLAdapter(Adapter):
             # The stages' positions follow the encoder's unit order (window order on Qwen2.5-VL); the tokens come out
             # in merged-raster order, i.e. sorted by unit id. TRUE positions unless a stage says otherwise.
             positions = site_hook.positions[torch.argsort(last_units["units"]).to(site_hook.positions.device)]
-        tokens = ImageTokens(out.tokens[0], positions, project=self._project)
-        units = t * merged_grid[1] * merged_grid[2]
-        offsets = _raster_offsets(merged_grid)
-        return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,
-                            token_ids)
+        return out, positions
 
     @property
     def video_token_id(self):
@@ -463,7 +471,9 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
     video grid for video tokens and (j, -1, -1) for the j-th audio token. A video without audio is a plain video item.
     The window_attention signal covers both: the ViT's last block for video, the audio encoder's last layer (windows
     of 2 s, pooled over frame pairs as the encoder pools) for audio.
-    Encoder-site stages are not supported on Omni models yet.
+    A standalone audio ('<audio>') is an item of audio tokens alone. A batch may mix prompts whose videos are heard
+    with prompts whose videos are silent; positions are computed per prompt. Encoder-site stages act in the ViT, on
+    images and on a video's frames; a video's audio tokens all reach the later sites.
     """
 
     family = "qwen2.5-omni"
@@ -518,8 +528,6 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         return int(self.model.config.audio_token_id)
 
     def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
-        if encoder_stages:
-            raise InputError("encoder-site reducers are not supported on Qwen2.5-Omni models yet")
         owners = self._audio_owners_in(batch["input_ids"])
         tracks = self._audio_features(batch, WINDOW_ATTENTION in request.layers) if owners else []
         track_of_video = {owner: track for owner, track in zip(owners, tracks) if owner is not None}
@@ -540,11 +548,11 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
                 encoded.append(self._encode_audio(*standalone[number], request))
             elif kind == "video" and number in track_of_video:
                 pixels, grid_thw = pieces[kind][number][1:]
-                encoded.append(self._encode_interleaved(pixels, grid_thw, *track_of_video[number],
-                                                        spans[heard_videos.index(number)], request))
+                vit = self._run_vit(pixels, grid_thw, request, encoder_stages, requests, records, len(encoded))
+                encoded.append(self._encode_interleaved(grid_thw, vit, *track_of_video[number], spans[heard_videos.index(number)]))
             else:
                 pixels, grid_thw = pieces[kind][number][1:]
-                encoded.append(self._encode_one(pixels, grid_thw, request, (), requests, records, len(encoded),
+                encoded.append(self._encode_one(pixels, grid_thw, request, encoder_stages, requests, records, len(encoded),
                                                 () if kind == "image" else (self.video_token_id,)))
         return encoded
 
@@ -579,19 +587,20 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         return rows
 
     def _encode_audio(self, audio, audio_attention, request):
-        """A standalone audio: its LLM-width tokens at positions (j, -1, -1); of the signals only window_attention
-        (the audio encoder's, in 2-second windows) exists for it."""
-        missing = sorted(set(request.layers) - {WINDOW_ATTENTION})
-        if missing:
-            raise InputError(f"a standalone audio has no {missing[0]} (a vision-encoder signal); use a reducer that does not "
-                             "need it on audio (random, fastv, seats)")
+        """A standalone audio: its LLM-width tokens at positions (j, -1, -1). Signals as a heard video's audio tokens
+        hold them: window_attention from the audio encoder (2-second windows), NaN (no statistic) for the other
+        per-token scores; the per-token vectors (keys, values) of the ViT have no audio counterpart."""
+        vectors = sorted(set(request.layers) & {KEYS, VALUES})
+        if vectors:
+            raise InputError(f"a standalone audio has no {vectors[0]} (vectors of the vision encoder); use a reducer that "
+                             "does not need them with '<audio>' (e.g. random, fastv, seats)")
         n = len(audio)
         positions = torch.full((n, 3), -1, dtype=torch.long, device=audio.device)
         positions[:, 0] = torch.arange(n, device=audio.device)
         signals = {}
-        if WINDOW_ATTENTION in request.layers:
-            layers = request.resolve(self.vision.num_layers)[WINDOW_ATTENTION]
-            signals[WINDOW_ATTENTION] = {layer: audio_attention.float() for layer in layers}
+        for name, layers in request.resolve(self.vision.num_layers).items():
+            value = audio_attention.float() if name == WINDOW_ATTENTION else torch.full((n,), float("nan"), device=audio.device)
+            signals[name] = {layer: value for layer in layers}
 
         def offsets(where):
             return where[..., 0]
@@ -643,21 +652,23 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
                     spans.append(is_video)
         return spans
 
-    def _encode_interleaved(self, pixels, grid_thw, audio, audio_attention, is_video, request):
+    def _encode_interleaved(self, grid_thw, vit, audio, audio_attention, is_video):
+        """A heard video: the video tokens the ViT kept (all of them unless an encoder-site stage pruned) and every
+        audio token, in the order the span lays them out."""
+        out, grid = vit
         t, h, w = grid_thw[0].tolist()
         merged = (t, h // self.vision.merge, w // self.vision.merge)
-        out = self.vision.encode_image(pixels, grid_thw, request, ())
         video = self._project(out.tokens[0])
-        n = len(is_video)
-        features = video.new_zeros(n, video.shape[-1])
-        features[is_video] = video
-        features[~is_video] = audio.to(video.dtype)
-        positions = torch.full((n, 3), -1, dtype=torch.long, device=video.device)
-        positions[is_video] = out.grid.to(video.device)
-        positions[~is_video, 0] = torch.arange(len(audio), device=video.device)
-        video_offset = torch.full((merged[0] * merged[1] * merged[2],), -1, dtype=torch.long, device=video.device)
-        video_offset[_raster_offsets(merged)(out.grid.to(video.device))] = torch.nonzero(is_video).squeeze(1)
-        audio_offset = torch.nonzero(~is_video).squeeze(1)
+        device = video.device
+        grid = grid.to(device)
+        # The span's i-th video placeholder is the i-th unit in raster order (chunks split it by time only).
+        video_offset = torch.nonzero(is_video).squeeze(1).to(device)
+        audio_offset = torch.nonzero(~is_video).squeeze(1).to(device)
+        heard_positions = torch.full((len(audio), 3), -1, dtype=torch.long, device=device)
+        heard_positions[:, 0] = torch.arange(len(audio), device=device)
+        order = torch.argsort(torch.cat([video_offset[_raster_offsets(merged)(grid)], audio_offset]))
+        features = torch.cat([video, audio.to(video.dtype)])[order]
+        positions = torch.cat([grid, heard_positions])[order]
 
         def offsets(where):
             heard = where[..., 1] < 0
@@ -670,12 +681,13 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         signals = {}
         for name, by_layer in out.signals.items():
             for layer, value in by_layer.items():
-                spread = torch.full((n, *value.shape[2:]), float("nan"), dtype=torch.float32, device=video.device)
-                spread[is_video] = value[0].float()
+                spread = torch.full((len(features), *value.shape[2:]), float("nan"), dtype=torch.float32, device=device)
+                spread[: len(video)] = value[0].float()
                 if name == WINDOW_ATTENTION and audio_attention is not None:
-                    spread[~is_video] = audio_attention.to(video.device)
-                signals.setdefault(name, {})[layer] = spread
+                    spread[len(video):] = audio_attention.to(device)
+                signals.setdefault(name, {})[layer] = spread[order]
         tokens = ImageTokens(features, positions, project=lambda x: x)
+        n = len(is_video)
         return EncodedImage(tokens, VisionSignals(signals), n, lambda x: x, offsets, _in_order, n, offsets,
                             (self.video_token_id, self.audio_token_id))
 
