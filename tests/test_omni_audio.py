@@ -9,6 +9,8 @@ import torch
 import tokenomy
 from tests.test_seats_omni import OPTIONS
 from tests.test_vlm_omni import clip
+from tests.media_fixtures import write_video
+from tokenomy.cli import main as cli_main
 from tokenomy.errors import InputError
 from tokenomy.io import load_audio
 
@@ -135,3 +137,12 @@ def test_heard_and_silent_videos_in_one_batch_equal_singles(reducer, options):
 def test_one_prompt_mixing_heard_and_silent_videos_is_refused(omni):
     with pytest.raises(InputError, match="prompt 0 holds videos with and without an audio track"):
         omni.generate(None, "<video> and <video>?", videos=[clip(0), {"frames": clip(1)["frames"]}])
+
+
+def test_generate_command_takes_videos_and_audios(tmp_path, capsys):
+    video = write_video(tmp_path / "v.mp4", n_frames=16, size=56, audio_seconds=2.0)
+    audio = write_wav(tmp_path / "a.wav", seconds=1.0)
+    assert cli_main(["generate", "--model", "tiny-qwen2.5-omni", "--video", str(video), "--audio", str(audio), "--prompt",
+                     "<video> then <audio>?", "--reducer", "random", "--keep", "20", "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer-averaged retention: video " in printed and ", audio " in printed
