@@ -31,8 +31,8 @@ def write_videomme(root, audio=False):
 
 
 def run_cli(data, out, model, reducer, keep, batch_size, *extra):
-    assert cli_main(["eval", "--model", model, "--reducer", reducer, "--keep", keep, "--tasks", "videomme", "--data-dir",
-                     str(data), "--output_path", str(out), "--batch_size", str(batch_size), "--video_frames", str(FRAMES),
+    assert cli_main(["eval", "--model", model, "--reducer", reducer, *(["--keep", keep] if keep else []), "--tasks", "videomme",
+                     "--data-dir", str(data), "--output_path", str(out), "--batch_size", str(batch_size), "--video_frames", str(FRAMES),
                      "--log_samples", "--gen_kwargs", "max_new_tokens=3", *extra]) == 0
     (path,) = (out / model).glob("*_results.json")
     return json.loads(path.read_text()), path
@@ -138,3 +138,16 @@ def test_an_interrupted_video_run_resumes_to_the_uninterrupted_result(data, tmp_
         assert resumed_results[reducer][keep]["metrics"] == full_results[reducer][keep]["metrics"]
         assert strip(resumed_results[reducer][keep]["efficiency"]) == strip(full_results[reducer][keep]["efficiency"])
     assert computed(sample_rows(resumed)) == computed(sample_rows(full))
+
+
+def test_seats_runs_in_eval_without_keep(tmp_path):
+    """seats is budgeted by its own per-modality retention options, so it needs no --keep and runs once."""
+    heard = write_videomme(tmp_path / "heard", audio=True)
+    results, path = run_cli(heard, tmp_path / "out", "tiny-qwen2.5-omni", "none,seats", "", 2, "--limit", "2",
+                            "--reducer_args", "seats.video=0.3,seats.audio=0.65,seats.drop_layers=1-2,seats.late_block_layer=4")
+    assert sorted(results["results"]["videomme"]) == ["none", "seats"] and list(results["results"]["videomme"]["seats"]) == ["all"]
+    efficiency = results["results"]["videomme"]["seats"]["all"]["efficiency"]
+    assert 0 < efficiency["retention_layer_avg"] < 1
+    assert results["results"]["videomme"]["none"]["all"]["efficiency"]["retention_layer_avg"] == 1
+    rows = [row for row in sample_rows(path) if row["reducer"] == "seats"]
+    assert [row["visual_tokens_kept"] for row in rows] == [0, 0]  # Stage III: no audio or video in the last layer

@@ -62,13 +62,21 @@ class EvalConfig:
         return json.loads(json.dumps(data))
 
     def combos(self) -> list[tuple[str, int | None]]:
-        """Reducer x keep; the unpruned `none` baseline runs once whatever the keeps."""
+        """Reducer x keep; the unpruned `none` baseline, and reducers budgeted by their own options (seats' video= and
+        audio= retention), run once whatever the keeps."""
         out = []
         for reducer in self.reducers:
-            for keep in [None] if reducer == NO_REDUCTION else self.keeps:
+            for keep in self.keeps if takes_keep(reducer) else [None]:
                 if (reducer, keep) not in out:
                     out.append((reducer, keep))
         return out
+
+
+def takes_keep(reducer: str) -> bool:
+    """Whether --keep budgets this reducer spec (its last stage's `keep`)."""
+    from tokenomy.reducers import build_plan
+
+    return reducer != NO_REDUCTION and build_plan(reducer).last.applies_budget
 
 
 def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
@@ -76,7 +84,7 @@ def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
     called `name`; `keep` is the last stage's budget (tokenomy.reducers.build_plan routes them)."""
     if reducer == NO_REDUCTION:
         return {}
-    return {**config.reducer_args, "keep": keep}
+    return {**config.reducer_args, **({"keep": keep} if keep is not None else {})}
 
 
 def keep_label(keep: int | None) -> str:
@@ -160,8 +168,9 @@ def _check_config(config: EvalConfig) -> None:
     unknown = [name for name in names if name not in available_reducers()]
     if unknown:  # before any data is read or model built
         raise UnknownNameError("reducer", unknown[0], available_reducers())
-    if any(r != NO_REDUCTION for r in config.reducers) and not config.keeps:
-        raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64")
+    if any(takes_keep(r) for r in config.reducers) and not config.keeps:
+        raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64 "
+                         "(seats takes its budgets as --reducer_args seats.video=0.3,seats.audio=0.65 instead)")
     if config.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {config.batch_size}")
     check_limit(config.limit)
