@@ -61,9 +61,3 @@ def test_files_with_and_without_audio(omni, tmp_path):
     (video_only,) = omni.generate(None, "<video>What happens?", max_new_tokens=3, videos=silent)
     assert video_only.stats["video_audio"] == ["none: the file has no audio stream"]
     assert video_only.stats["visual_tokens_in"] < with_audio.stats["visual_tokens_in"]
-
-
-def test_mixing_heard_and_silent_videos_in_one_batch_is_refused(omni):
-    silent = {"frames": clip(0)["frames"]}
-    with pytest.raises(InputError, match="either every video has an audio track or none"):
-        omni.generate([None, None], ["<video>?", "<video>?"], videos=[clip(0), silent])

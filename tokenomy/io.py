@@ -17,7 +17,8 @@ same frames whichever decodes it; only the sampled frames are kept, so a long vi
 - `n_frames` asks for that many frames (fewer when the video is shorter: every frame once); `fps` for that rate
   over the video's duration, at most `max_frames`; `indices` for exact frames, and one past the end is an error.
 - A file that no backend can open, or a video stream with 0 frames, is an InputError.
-Audio (`load_audio`, `load_video_and_audio`): the first audio stream, resampled by PyAV to 16 kHz mono float32.
+Audio (`load_audio`, `load_video_and_audio`): the first audio stream, resampled by PyAV to 16 kHz mono float32;
+`audio_clip` takes a standalone audio as a file or as such samples (an empty one, or NaN samples, is an InputError).
 A video without an audio stream, or with an empty one, reads as video only: `load_video_and_audio` returns None
 for the audio and says why in meta["audio"]; `load_audio` itself refuses such a file.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -209,13 +211,30 @@ def load_video(path, n_frames: Optional[int] = None, fps: Optional[float] = None
     raise InputError(f"cannot decode video {path}: " + "; ".join(failures))
 
 
+@dataclass(frozen=True)
+class VideoFile:
+    """A video file and how to sample its frames (`load_video`'s n_frames or fps; neither: DEFAULT_FRAMES frames).
+    Nothing is decoded until a Pipeline reads it, with its audio track when the model hears (eval tasks hand these
+    over, so the model decides whether the audio is read)."""
+
+    path: Path
+    n_frames: Optional[int] = None
+    fps: Optional[float] = None
+
+    def sampling(self) -> dict:
+        return {name: value for name, value in (("n_frames", self.n_frames), ("fps", self.fps)) if value is not None}
+
+
 def video_clip(video, with_audio: bool = False) -> tuple[np.ndarray, Optional[np.ndarray], str]:
     """(frames, audio or None, what was read of the audio) of a video given as a file path (DEFAULT_FRAMES frames;
-    its audio track when `with_audio`), a uint8 [T, H, W, 3] frame array, or {"frames": array, "audio": 16 kHz mono}."""
+    its audio track when `with_audio`), a VideoFile, a uint8 [T, H, W, 3] frame array, or {"frames": array,
+    "audio": 16 kHz mono}."""
     if isinstance(video, (str, os.PathLike)):
+        video = VideoFile(Path(video))
+    if isinstance(video, VideoFile):
         if not with_audio:
-            return load_video(video)[0], None, "not read: the model has no audio input"
-        frames, _, audio, meta = load_video_and_audio(video)
+            return load_video(video.path, **video.sampling())[0], None, "not read: the model has no audio input"
+        frames, _, audio, meta = load_video_and_audio(video.path, **video.sampling())
         return frames, audio, meta["audio"]
     if isinstance(video, dict):
         unknown = set(video) - {"frames", "audio"}
@@ -232,10 +251,12 @@ def video_clip(video, with_audio: bool = False) -> tuple[np.ndarray, Optional[np
 
 
 def video_frames(video, name: str | None = None) -> np.ndarray:
-    """uint8 [T, H, W, 3] RGB frames of a video given as a file path (DEFAULT_FRAMES frames, `load_video`) or as such
-    an array (a torch tensor is converted)."""
+    """uint8 [T, H, W, 3] RGB frames of a video given as a file path (DEFAULT_FRAMES frames, `load_video`), a VideoFile
+    or such an array (a torch tensor is converted)."""
     if isinstance(video, (str, os.PathLike)):
         return load_video(video)[0]
+    if isinstance(video, VideoFile):
+        return load_video(video.path, **video.sampling())[0]
     if hasattr(video, "numpy") and hasattr(video, "detach"):
         video = video.detach().cpu().numpy()
     label = name or "video"
@@ -274,6 +295,25 @@ def load_video_and_audio(path, sample_rate: int = AUDIO_SAMPLE_RATE, **video_opt
     audio, reason = _read_audio(Path(path), sample_rate)
     meta["audio"] = f"{audio.size} samples, {sample_rate} Hz mono" if audio is not None else f"none: {reason}"
     return frames, times, audio, meta
+
+
+def audio_clip(audio) -> np.ndarray:
+    """float32 [S] mono at AUDIO_SAMPLE_RATE of a standalone audio given as a media file path (its first audio stream,
+    resampled: `load_audio`) or as such samples."""
+    if isinstance(audio, (str, os.PathLike)):
+        return load_audio(audio)
+    if hasattr(audio, "numpy") and hasattr(audio, "detach"):
+        audio = audio.detach().cpu().numpy()
+    if not isinstance(audio, np.ndarray) or audio.dtype.kind != "f":
+        raise InputError(f"an audio must be a file path or float samples [S] at {AUDIO_SAMPLE_RATE} Hz mono, got "
+                         f"{type(audio).__name__}{'' if not isinstance(audio, np.ndarray) else ' of ' + str(audio.dtype)}")
+    if audio.ndim != 1:
+        raise InputError(f"an audio must be mono samples [S] at {AUDIO_SAMPLE_RATE} Hz, got shape {list(audio.shape)}")
+    if audio.size == 0:
+        raise InputError("an audio is empty (0 samples)")
+    if not np.isfinite(audio).all():
+        raise InputError("an audio holds NaN or infinite samples")
+    return audio.astype(np.float32)
 
 
 def _read_audio(path: Path, sample_rate: int) -> tuple[Optional[np.ndarray], str]:

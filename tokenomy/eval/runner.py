@@ -63,13 +63,23 @@ class EvalConfig:
         return json.loads(json.dumps(data))
 
     def combos(self) -> list[tuple[str, int | None]]:
-        """Reducer x keep; the unpruned `none` baseline runs once whatever the keeps."""
+        """Reducer x keep; the unpruned `none` baseline, and reducers budgeted by their own options (seats' video= and
+        audio= retention), run once whatever the keeps."""
         out = []
         for reducer in self.reducers:
-            for keep in [None] if reducer == NO_REDUCTION else self.keeps:
+            for keep in self.keeps if takes_keep(reducer) else [None]:
                 if (reducer, keep) not in out:
                     out.append((reducer, keep))
         return out
+
+
+def takes_keep(reducer: str) -> bool:
+    """Whether --keep budgets this reducer spec (its last stage's `keep`)."""
+    from tokenomy.reducers import build_plan
+
+    if oracles.is_diagnostic(reducer):
+        return True
+    return reducer != NO_REDUCTION and build_plan(reducer).last.applies_budget
 
 
 def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
@@ -77,7 +87,7 @@ def reducer_options(config: EvalConfig, reducer: str, keep: int | None) -> dict:
     called `name`; `keep` is the last stage's budget (tokenomy.reducers.build_plan routes them)."""
     if reducer == NO_REDUCTION:
         return {}
-    return {**config.reducer_args, "keep": keep}
+    return {**config.reducer_args, **({"keep": keep} if keep is not None else {})}
 
 
 def reduction_plan(reducer: str, options: dict):
@@ -185,8 +195,9 @@ def _check_config(config: EvalConfig) -> None:
     if diagnostics and blind:
         raise InputError(f"--reducers {diagnostics[0]} is a diagnostic that needs each sample's scene description, which "
                          f"only synthvqa provides; task {blind[0]} has none (run the oracles with --tasks synthvqa alone)")
-    if any(r != NO_REDUCTION for r in config.reducers) and not config.keeps:
-        raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64")
+    if any(takes_keep(r) for r in config.reducers) and not config.keeps:
+        raise InputError("reducers other than 'none' need --keep (visual tokens entering the LLM), e.g. --keep 192,64 "
+                         "(seats takes its budgets as --reducer_args seats.video=0.3,seats.audio=0.65 instead)")
     if config.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {config.batch_size}")
     check_limit(config.limit)
@@ -342,6 +353,8 @@ def _run_task(config: EvalConfig, task: Task, pipelines: Pipelines, group: Group
     if not docs:
         raise InputError(f"task {task.name}: no usable samples in {config.data_dir}")
     results["task_configs"][task.name] = task.config()
+    if any(task.video(doc) is not None for doc in docs):
+        results["task_configs"][task.name]["video_input"] = video_input(pipelines.get(*config.combos()[0]))
     if group.is_main:
         store.consolidate(task.name)
     group.barrier()
@@ -407,10 +420,18 @@ def _run_combo(config, task, docs, pending, reducer, keep, pipelines, group, sto
 def _warm_up(task, docs, chunk, reducer, pipeline, gen_kwargs) -> None:
     """One untimed call so that lazy initialisation and kernel selection stay out of the measurements."""
     try:
-        pipeline.generate([task.media(docs[chunk[0]])], [task.prompt(docs[chunk[0]])],
-                          **{**gen_kwargs, "max_new_tokens": 2}, **sample_contexts(task, docs, [chunk[0]], reducer))
+        images, video = task.inputs(docs[chunk[0]], pipeline.adapter.supports_video)
+        pipeline.generate([images], [task.prompt(docs[chunk[0]])], videos=[video], **{**gen_kwargs, "max_new_tokens": 2},
+                          **sample_contexts(task, docs, [chunk[0]], reducer))
     except Exception:
         pass  # a bad first sample is reported when its chunk runs
+
+
+def video_input(pipeline) -> str:
+    """How a task's videos reach this model (Task.inputs), for the results file."""
+    if not pipeline.adapter.supports_video:
+        return "frames as images"
+    return "video with its audio track" if pipeline.adapter.reads_audio else "video"
 
 
 def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -> list[dict]:
@@ -419,7 +440,7 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
     records, ready = [], []
     for i in chunk:
         try:
-            ready.append((i, task.prompt(docs[i]), task.media(docs[i])))
+            ready.append((i, task.prompt(docs[i]), task.inputs(docs[i], pipeline.adapter.supports_video)))
         except Exception as exc:  # whatever library raised it, the failure is this sample's alone
             records.append({**base(i), "error": _fail_or_describe(config, task, docs[i], exc)})
     batches = [ready] if ready else []
@@ -428,7 +449,8 @@ def _run_chunk(config, task, docs, chunk, reducer, keep, pipeline, gen_kwargs) -
         try:
             contexts = sample_contexts(task, docs, [i for i, _, _ in batch], reducer)
             with Timer(pipeline.device) as timer:
-                generations = pipeline.generate([m for _, _, m in batch], [p for _, p, _ in batch], **gen_kwargs, **contexts)
+                generations = pipeline.generate([images for _, _, (images, _) in batch], [p for _, p, _ in batch],
+                                                videos=[video for _, _, (_, video) in batch], **gen_kwargs, **contexts)
         except Exception as exc:
             if len(batch) > 1:
                 batches = [[item] for item in batch] + batches  # isolate the culprit, to name it and keep the others

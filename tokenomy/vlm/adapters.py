@@ -16,7 +16,7 @@ import torch
 from tokenomy.errors import InputError, ModelLoadError
 from tokenomy.reducers.base import ImageTokens, PositionPolicy
 from tokenomy.ops.window_attention import window_attention_received
-from tokenomy.vision.base import WINDOW_ATTENTION, SignalRequest, grid_positions, layers_to_run
+from tokenomy.vision.base import KEYS, VALUES, WINDOW_ATTENTION, SignalRequest, grid_positions, layers_to_run
 from tokenomy.vision.hf import HFViTEncoder
 from tokenomy.vision.qwen_vit import QwenViTEncoder
 from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
@@ -51,6 +51,9 @@ class EncodedImage:
     # When `tokens.sources` is set (the encoder site merged): for each of its columns the reducible index of that
     # original token, or -1 for one that never reaches the LLM (LLaVA-NeXT's unpadded patches).
     source_index: Optional[torch.Tensor] = None
+
+
+MEDIA_MARKERS = ("<image>", "<video>", "<audio>")
 
 
 def _in_order(features, offsets):
@@ -100,17 +103,18 @@ class Adapter(ABC):
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
     supports_video = False
-    reads_audio = False  # whether a video's audio track is an input
+    reads_audio = False  # whether audio is an input: a video's audio track, a standalone audio
 
-    def chat_text(self, prompt: str, num_images: int, num_videos: int = 0) -> str:
-        """The model's chat template around the user's prompt; '<image>' and '<video>' mark where each image and
-        video goes (without markers: the images, then the videos, then the text)."""
+    def chat_text(self, prompt: str, num_images: int, num_videos: int = 0, num_audios: int = 0) -> str:
+        """The model's chat template around the user's prompt; '<image>', '<video>' and '<audio>' mark where each image,
+        video and audio goes (without markers: the images, then the videos, then the audios, then the text)."""
         content = []
-        if "<image>" not in prompt and "<video>" not in prompt:
-            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
+        if not any(marker in prompt for marker in MEDIA_MARKERS):
+            content = ([{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "audio"}] * num_audios
+                       + [{"type": "text", "text": prompt}])
         else:
-            for piece in re.split(r"(<image>|<video>)", prompt):
-                if piece in ("<image>", "<video>"):
+            for piece in re.split(r"(<image>|<video>|<audio>)", prompt):
+                if piece in MEDIA_MARKERS:
                     content.append({"type": piece[1:-1]})
                 elif piece:
                     content.append({"type": "text", "text": piece})
@@ -120,11 +124,14 @@ class Adapter(ABC):
         image = getattr(self.processor, "image_token", "<image>")
         return "".join(image + "\n" if item["type"] == "image" else item["text"] for item in content)
 
-    def process(self, texts: list, images: list, videos: list = ()):
-        """Processor inputs; videos are (frames uint8 [T, H, W, 3], audio or None, note) as tokenomy.io.video_clip gives."""
+    def process(self, texts: list, images: list, videos: list = (), audios: list = ()):
+        """Processor inputs; videos are (frames uint8 [T, H, W, 3], audio or None, note) as tokenomy.io.video_clip gives,
+        audios float32 [S] at 16 kHz (tokenomy.io.audio_clip)."""
         if videos and not self.supports_video:
             raise InputError(f"{self.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni model, or "
                              "pass a video's frames as images")
+        if audios:
+            raise InputError(f"{self.family} models do not hear audio; use a Qwen2.5-Omni model")
         self.tokenizer.padding_side = "left"
         return self.processor(**self._processor_kwargs(texts, images, videos))
 
@@ -420,6 +427,18 @@ class QwenVLAdapter(Adapter):
     def _encode_one(self, pixels, grid_thw, request, encoder_stages, requests, records, item, token_ids):
         t, h, w = grid_thw[0].tolist()
         merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
+        out, positions = self._run_vit(pixels, grid_thw, request, encoder_stages, requests, records, item)
+        tokens = ImageTokens(out.tokens[0], positions, project=self._project)
+        units = t * merged_grid[1] * merged_grid[2]
+        offsets = _raster_offsets(merged_grid)
+        return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,
+                            token_ids, view=None if token_ids else self._patches_view(pixels, grid_thw[0].tolist()))
+
+    def _run_vit(self, pixels, grid_thw, request, encoder_stages, requests, records, item):
+        """The ViT over one item with the encoder-site stages between its blocks: (output, TRUE (t, h, w) positions in
+        the merged grid of the tokens it kept, in the order they come out)."""
+        t, h, w = grid_thw[0].tolist()
+        merged_grid = (t, h // self.vision.merge, w // self.vision.merge)
         hooks, site_hook, last_units = (), None, {}
         if encoder_stages:
             site_hook = EncoderSiteHook(encoder_stages, requests, grid_positions(*merged_grid, device=grid_thw.device),
@@ -438,11 +457,7 @@ class QwenVLAdapter(Adapter):
             # The stages' positions follow the encoder's unit order (window order on Qwen2.5-VL); the tokens come out
             # in merged-raster order, i.e. sorted by unit id. TRUE positions unless a stage says otherwise.
             positions = site_hook.positions[torch.argsort(last_units["units"]).to(site_hook.positions.device)]
-        tokens = ImageTokens(out.tokens[0], positions, project=self._project)
-        units = t * merged_grid[1] * merged_grid[2]
-        offsets = _raster_offsets(merged_grid)
-        return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,
-                            token_ids, view=None if token_ids else self._patches_view(pixels, grid_thw[0].tolist()))
+        return out, positions
 
     def _patches_view(self, patches: torch.Tensor, grid_thw: list) -> Callable:
         """The picture of one image from the processor's flattened patches [t*h*w, C * temporal * p * p], which it lays
@@ -519,52 +534,142 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
     video grid for video tokens and (j, -1, -1) for the j-th audio token. A video without audio is a plain video item.
     The window_attention signal covers both: the ViT's last block for video, the audio encoder's last layer (windows
     of 2 s, pooled over frame pairs as the encoder pools) for audio.
-    Encoder-site stages are not supported on Omni models yet.
+    A standalone audio ('<audio>') is an item of audio tokens alone. A batch may mix prompts whose videos are heard
+    with prompts whose videos are silent; positions are computed per prompt. Encoder-site stages act in the ViT, on
+    images and on a video's frames; a video's audio tokens all reach the later sites.
     """
 
     family = "qwen2.5-omni"
     reads_audio = True
 
-    def process(self, texts, images, videos=()):
+    def process(self, texts, images, videos=(), audios=()):
+        """Audio slots (the processor's `audio` list) in the order their tokens come in the batch, which is the order
+        the thinker's positions (get_rope_index) and its audio features read them in: a heard video's track where
+        the video is, a standalone audio where its '<audio>' is."""
         heard = [audio is not None for _, audio, _ in videos]
-        if any(heard) and not all(heard):
-            raise InputError("in one batch, either every video has an audio track or none has (use_audio_in_video is one "
-                             "setting per batch in transformers); run them in separate batches")
         kwargs = self._processor_kwargs(texts, images, videos)
+        owners = self._audio_slot_owners(texts, heard, len(audios))
+        standalone = iter(audios)
+        slots = [videos[owner][1] if owner is not None else next(standalone) for owner in owners]
         if any(heard):
-            kwargs.update(audio=[audio for _, audio, _ in videos], audio_from_video_indices=list(range(len(videos))),
-                          load_audio_from_video=True)
+            kwargs.update(audio=slots, audio_from_video_indices=owners, load_audio_from_video=True)
+        elif slots:
+            kwargs.update(audio=slots)
         self.tokenizer.padding_side = "left"
         batch = self.processor(**kwargs)
         batch["use_audio_in_video"] = any(heard)
         return batch
+
+    def _audio_slot_owners(self, texts, heard, num_audios) -> list:
+        """Per audio slot in batch order: the index of the video whose track it is, or None for a standalone audio.
+        A prompt's videos are all heard or all silent: transformers' positions (get_rope_index) read one
+        use_audio_in_video setting per call, and tokenomy calls it once per prompt."""
+        video, audio = self.processor.video_token, self.processor.audio_token
+        owners, videos_seen = [], 0
+        for index, text in enumerate(texts):
+            kinds = set()
+            for token in re.findall(f"{re.escape(video)}|{re.escape(audio)}", text):
+                if token == audio:
+                    owners.append(None)
+                    continue
+                if videos_seen < len(heard):
+                    kinds.add(heard[videos_seen])
+                    if heard[videos_seen]:
+                        owners.append(videos_seen)
+                videos_seen += 1
+            if len(kinds) > 1:
+                raise InputError(f"prompt {index} holds videos with and without an audio track; transformers' Qwen2.5-Omni "
+                                 "positions take one use_audio_in_video setting per prompt: give every video of a prompt "
+                                 "its audio or none (other prompts of the batch may differ)")
+        if videos_seen != len(heard) or owners.count(None) != num_audios:
+            raise InputError(f"the prompts hold places for {videos_seen} videos and {owners.count(None)} audios, but "
+                             f"{len(heard)} and {num_audios} were given")
+        return owners
 
     @property
     def audio_token_id(self):
         return int(self.model.config.audio_token_id)
 
     def encode_images(self, batch, request, encoder_stages=(), requests=None, records=None):
-        if encoder_stages:
-            raise InputError("encoder-site reducers are not supported on Qwen2.5-Omni models yet")
-        interleaved = bool(batch.get("use_audio_in_video"))
-        audio = self._audio_features(batch, WINDOW_ATTENTION in request.layers) if interleaved else []
+        owners = self._audio_owners_in(batch["input_ids"])
+        tracks = self._audio_features(batch, WINDOW_ATTENTION in request.layers) if owners else []
+        track_of_video = {owner: track for owner, track in zip(owners, tracks) if owner is not None}
+        standalone = [track for owner, track in zip(owners, tracks) if owner is None]
         pieces = {}
         for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
             grid_thw = batch.get(grid_key)
             pieces[kind] = [] if grid_thw is None else self._encode_grids(batch[pixels_key], grid_thw)
         sizes = {"image": [item[0] for item in pieces["image"]],
-                 "video": [item[0] + (len(audio[n][0]) if interleaved else 0) for n, item in enumerate(pieces["video"])]}
-        ids = {"image": self.image_token_id, "video": self.video_token_id}
-        order = _sequence_order(batch["input_ids"], ids, sizes, also={"video": self.audio_token_id} if interleaved else None)
-        encoded, spans = [], self._video_spans(batch["input_ids"]) if interleaved else None
+                 "video": [item[0] + (len(track_of_video[n][0]) if n in track_of_video else 0) for n, item in enumerate(pieces["video"])],
+                 "audio": [len(track[0]) for track in standalone]}
+        ids = {"image": self.image_token_id, "video": self.video_token_id, "audio": self.audio_token_id}
+        order = _sequence_order(batch["input_ids"], ids, sizes, also={"video": self.audio_token_id} if track_of_video else None)
+        encoded, spans = [], self._video_spans(batch["input_ids"]) if track_of_video else None
+        heard_videos = sorted(track_of_video)
         for kind, number in order:
-            pixels, grid_thw = pieces[kind][number][1:]
-            if kind == "video" and interleaved:
-                encoded.append(self._encode_interleaved(pixels, grid_thw, *audio[number], spans[number], request))
+            if kind == "audio":
+                encoded.append(self._encode_audio(*standalone[number], request))
+            elif kind == "video" and number in track_of_video:
+                pixels, grid_thw = pieces[kind][number][1:]
+                vit = self._run_vit(pixels, grid_thw, request, encoder_stages, requests, records, len(encoded))
+                encoded.append(self._encode_interleaved(grid_thw, vit, *track_of_video[number], spans[heard_videos.index(number)]))
             else:
-                encoded.append(self._encode_one(pixels, grid_thw, request, (), requests, records, len(encoded),
+                pixels, grid_thw = pieces[kind][number][1:]
+                encoded.append(self._encode_one(pixels, grid_thw, request, encoder_stages, requests, records, len(encoded),
                                                 () if kind == "image" else (self.video_token_id,)))
         return encoded
+
+    def _audio_owners_in(self, input_ids) -> list:
+        """`_audio_slot_owners` read back from the processed ids."""
+        return [owner for row in self._row_items(input_ids) for owner in row["audio_owners"]]
+
+    def _row_items(self, input_ids) -> list:
+        """Per row: its images, videos and audio slots (an audio span, between the audio markers, that holds video
+        tokens is that video's track, its index among the batch's videos; one without is a standalone audio: None)."""
+        start, end = int(self.model.config.audio_start_token_id), int(self.model.config.audio_end_token_id)
+        rows, videos_seen = [], 0
+        for row in input_ids.tolist():
+            items = dict(images=0, videos=0, audio_owners=[])
+            position = 0
+            while position < len(row):
+                token = row[position]
+                if token == start:
+                    close = row.index(end, position)
+                    heard = self.video_token_id in row[position:close]
+                    items["audio_owners"].append(videos_seen if heard else None)
+                    items["videos"] += heard
+                    videos_seen += heard
+                    position = close
+                elif token in (self.video_token_id, self.image_token_id):
+                    items["videos" if token == self.video_token_id else "images"] += 1
+                    videos_seen += token == self.video_token_id
+                    while position + 1 < len(row) and row[position + 1] == token:
+                        position += 1
+                position += 1
+            rows.append(items)
+        return rows
+
+    def _encode_audio(self, audio, audio_attention, request):
+        """A standalone audio: its LLM-width tokens at positions (j, -1, -1). Signals as a heard video's audio tokens
+        hold them: window_attention from the audio encoder (2-second windows), NaN (no statistic) for the other
+        per-token scores; the per-token vectors (keys, values) of the ViT have no audio counterpart."""
+        vectors = sorted(set(request.layers) & {KEYS, VALUES})
+        if vectors:
+            raise InputError(f"a standalone audio has no {vectors[0]} (vectors of the vision encoder); use a reducer that "
+                             "does not need them with '<audio>' (e.g. random, fastv, seats)")
+        n = len(audio)
+        positions = torch.full((n, 3), -1, dtype=torch.long, device=audio.device)
+        positions[:, 0] = torch.arange(n, device=audio.device)
+        signals = {}
+        for name, layers in request.resolve(self.vision.num_layers).items():
+            value = audio_attention.float() if name == WINDOW_ATTENTION else torch.full((n,), float("nan"), device=audio.device)
+            signals[name] = {layer: value for layer in layers}
+
+        def offsets(where):
+            return where[..., 0]
+
+        tokens = ImageTokens(audio, positions, project=lambda x: x)
+        return EncodedImage(tokens, VisionSignals(signals), n, lambda x: x, offsets, _in_order, n, offsets, (self.audio_token_id,))
 
     def _audio_features(self, batch, window_attention: bool) -> list:
         """Per audio track (= per video, in order): (its LLM-width tokens [n, d], and when asked the attention each
@@ -598,30 +703,35 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         return out
 
     def _video_spans(self, input_ids) -> list:
-        """Per video with audio, in batch order: is_video [n] over its interleaved placeholders, in sequence order."""
+        """Per video with audio, in batch order: is_video [n] over its interleaved placeholders, in sequence order
+        (a standalone audio's span, between the same markers, holds no video token)."""
         spans = []
         for row in input_ids:
             starts = torch.nonzero(row == int(self.model.config.audio_start_token_id)).squeeze(1)
             ends = torch.nonzero(row == int(self.model.config.audio_end_token_id)).squeeze(1)
             for start, end in zip(starts.tolist(), ends.tolist()):
-                spans.append(row[start + 1 : end] == self.video_token_id)
+                is_video = row[start + 1 : end] == self.video_token_id
+                if bool(is_video.any()):
+                    spans.append(is_video)
         return spans
 
-    def _encode_interleaved(self, pixels, grid_thw, audio, audio_attention, is_video, request):
+    def _encode_interleaved(self, grid_thw, vit, audio, audio_attention, is_video):
+        """A heard video: the video tokens the ViT kept (all of them unless an encoder-site stage pruned) and every
+        audio token, in the order the span lays them out."""
+        out, grid = vit
         t, h, w = grid_thw[0].tolist()
         merged = (t, h // self.vision.merge, w // self.vision.merge)
-        out = self.vision.encode_image(pixels, grid_thw, request, ())
         video = self._project(out.tokens[0])
-        n = len(is_video)
-        features = video.new_zeros(n, video.shape[-1])
-        features[is_video] = video
-        features[~is_video] = audio.to(video.dtype)
-        positions = torch.full((n, 3), -1, dtype=torch.long, device=video.device)
-        positions[is_video] = out.grid.to(video.device)
-        positions[~is_video, 0] = torch.arange(len(audio), device=video.device)
-        video_offset = torch.full((merged[0] * merged[1] * merged[2],), -1, dtype=torch.long, device=video.device)
-        video_offset[_raster_offsets(merged)(out.grid.to(video.device))] = torch.nonzero(is_video).squeeze(1)
-        audio_offset = torch.nonzero(~is_video).squeeze(1)
+        device = video.device
+        grid = grid.to(device)
+        # The span's i-th video placeholder is the i-th unit in raster order (chunks split it by time only).
+        video_offset = torch.nonzero(is_video).squeeze(1).to(device)
+        audio_offset = torch.nonzero(~is_video).squeeze(1).to(device)
+        heard_positions = torch.full((len(audio), 3), -1, dtype=torch.long, device=device)
+        heard_positions[:, 0] = torch.arange(len(audio), device=device)
+        order = torch.argsort(torch.cat([video_offset[_raster_offsets(merged)(grid)], audio_offset]))
+        features = torch.cat([video, audio.to(video.dtype)])[order]
+        positions = torch.cat([grid, heard_positions])[order]
 
         def offsets(where):
             heard = where[..., 1] < 0
@@ -634,22 +744,38 @@ class QwenOmniThinkerAdapter(QwenVLAdapter):
         signals = {}
         for name, by_layer in out.signals.items():
             for layer, value in by_layer.items():
-                spread = torch.full((n, *value.shape[2:]), float("nan"), dtype=torch.float32, device=video.device)
-                spread[is_video] = value[0].float()
+                spread = torch.full((len(features), *value.shape[2:]), float("nan"), dtype=torch.float32, device=device)
+                spread[: len(video)] = value[0].float()
                 if name == WINDOW_ATTENTION and audio_attention is not None:
-                    spread[~is_video] = audio_attention.to(video.device)
-                signals.setdefault(name, {})[layer] = spread
+                    spread[len(video):] = audio_attention.to(device)
+                signals.setdefault(name, {})[layer] = spread[order]
         tokens = ImageTokens(features, positions, project=lambda x: x)
+        n = len(is_video)
         return EncodedImage(tokens, VisionSignals(signals), n, lambda x: x, offsets, _in_order, n, offsets,
                             (self.video_token_id, self.audio_token_id))
 
     def reference_positions(self, batch):
+        """transformers' positions, one prompt at a time: its use_audio_in_video is whether that prompt's videos are
+        heard, so a batch may mix heard and silent videos across prompts."""
         lengths = batch["feature_attention_mask"].sum(-1) if "feature_attention_mask" in batch else None
-        positions, _ = self.model.model.get_rope_index(
-            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch["attention_mask"],
-            bool(batch.get("use_audio_in_video")), lengths, batch.get("video_second_per_grid"),
-        )
-        return positions
+        columns = {"image": batch.get("image_grid_thw"), "video": batch.get("video_grid_thw"), "audio": lengths,
+                   "seconds": batch.get("video_second_per_grid")}
+        cursor = dict.fromkeys(columns, 0)
+        rows = []
+        for row, items in enumerate(self._row_items(batch["input_ids"])):
+            counts = {"image": items["images"], "video": items["videos"], "audio": len(items["audio_owners"]),
+                      "seconds": items["videos"]}
+            taken = {}
+            for name, values in columns.items():
+                taken[name] = values[cursor[name]:cursor[name] + counts[name]] if values is not None and counts[name] else None
+                cursor[name] += counts[name]
+            heard = any(owner is not None for owner in items["audio_owners"])
+            positions, _ = self.model.model.get_rope_index(
+                batch["input_ids"][row:row + 1], taken["image"], taken["video"], batch["attention_mask"][row:row + 1],
+                heard, taken["audio"], taken["seconds"],
+            )
+            rows.append(positions)
+        return torch.cat(rows, dim=1)
 
 
 class ComposedAdapter(LlavaAdapter):

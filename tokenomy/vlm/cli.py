@@ -10,7 +10,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="answer a prompt about images with a token reducer")
     parser.add_argument("--model", required=True, help="built-in name (tiny-llava, ...) or a local model folder")
     parser.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
-    parser.add_argument("--prompt", required=True, help="the question; '<image>' marks where images go")
+    parser.add_argument("--video", action="append", default=[],
+                        help="video file (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni, which also hears its audio track); repeat for several")
+    parser.add_argument("--audio", action="append", default=[], help="audio file (Qwen2.5-Omni); repeat for several")
+    parser.add_argument("--prompt", required=True, help="the question; '<image>', '<video>' and '<audio>' mark where each goes")
     parser.add_argument("--reducer", default="none",
                         help="a registered reducer or a stacked spec such as vtc-cls:keep=32+fastv (stages joined by +)")
     parser.add_argument("--keep", type=int, default=None, help="the last stage's budget: visual tokens per image it keeps")
@@ -41,7 +44,8 @@ def run(args) -> int:
         raise InputError("--vis draws the first image's tokens; give an --image")
     pipeline = tokenomy.load(args.model, reducer=args.reducer, device=args.device, position_policy=args.position_policy, **options)
     images = args.image or None
-    (result,) = pipeline.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens)
+    (result,) = pipeline.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens, videos=[args.video or None],
+                                  audios=[args.audio or None])
     if args.vis:
         from tokenomy.vis import draw_selection
 
@@ -59,6 +63,9 @@ def run(args) -> int:
             f" prefill {stats['prefill_tokens']} tokens in {stats['prefill_ms']:.1f} ms,"
             f" decode {stats['new_tokens']} tokens in {stats['decode_ms']:.1f} ms"
         )
+        if set(stats["visual_tokens_in_per_modality"]) - {"image"}:
+            print("  layer-averaged retention: " + ", ".join(
+                f"{name} {value:.3f}" for name, value in stats["layer_averaged_retention_per_modality"].items()))
         for stage in stats["stages"]:
             layers = f" layers {stage['layers']}" if stage["layers"] else ""
             print(f"  {stage['reducer']} @ {stage['site']}{layers}: {stage['tokens_in']} -> {stage['tokens_out']} tokens,"

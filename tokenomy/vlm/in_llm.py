@@ -110,6 +110,7 @@ class LLMRun:
         self.handles, self.calls = [], 0
         self.selections = {}  # (step index, sample, image) -> Selection
         self.visual_per_layer = None  # per sample: visual tokens each layer read in prefill
+        self.positions_per_layer = None  # per sample, per layer: the positions of each image's tokens that layer read
         self.signals = {}
         self.step_signals = {}  # layer -> per sample, per image: signals computed with that layer's own q/k
 
@@ -155,6 +156,7 @@ class LLMRun:
                 for image in sample.images:
                     image["index"], counter = counter, counter + 1
             self.visual_per_layer = [[0] * self.num_layers for _ in self.samples]
+            self.positions_per_layer = [[None] * self.num_layers for _ in self.samples]
             self.layout = None
             self.cache_layout = {}
         return None
@@ -287,6 +289,7 @@ class LLMRun:
         layout = self.layout
         for sample, state in enumerate(self.samples):
             self.visual_per_layer[sample][index] = sum(len(image["slots"]) for image in state.images)
+            self.positions_per_layer[sample][index] = [image["positions"] for image in state.images]
         self.cache_layout[index] = layout
         gather = layout.clamp(min=0)
         cos, sin = self.full_cos_sin

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from tokenomy.errors import InputError, UnknownNameError
-from tokenomy.io import load_image, video_clip
+from tokenomy.io import audio_clip, load_image, video_clip
 from tokenomy.reducers.base import INSTRUCTION_EMBEDDINGS, LLM_SIGNALS, ImageTokens, PositionPolicy, Site
 from tokenomy.reducers.plan import Plan, build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
-from tokenomy.vlm.adapters import ADAPTERS, adapter_for
+from tokenomy.vlm.adapters import ADAPTERS, MEDIA_MARKERS, adapter_for
 from tokenomy.vlm.assembly import assemble
 from tokenomy.vlm.in_llm import LLMRun, Step
 from tokenomy.vlm.loading import load_local, missing_folder_error, resolve_dtype
@@ -153,33 +153,38 @@ class Pipeline:
         return self.adapter.text_config
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def _normalise(self, images, prompts, videos=None):
-        """(prompts, images per prompt, videos per prompt). A video is a file path (read by tokenomy.io.load_video)
-        or a uint8 [T, H, W, 3] RGB frame array (or {"frames": ..., "audio": ...}); a prompt's entry is one video or a
-        list of them. Models that hear (Qwen2.5-Omni) read a file's audio track with it."""
+    def _normalise(self, images, prompts, videos=None, audios=None):
+        """(prompts, images per prompt, videos per prompt, audios per prompt). A video is a file path (read by
+        tokenomy.io.load_video), a tokenomy.io.VideoFile, or a uint8 [T, H, W, 3] RGB frame array (or {"frames": ...,
+        "audio": ...}); an audio is a file path or float32 [S] samples at 16 kHz mono; a prompt's entry is one of them or
+        a list. Models that hear (Qwen2.5-Omni) read a video file's audio track with it."""
         if isinstance(prompts, str):
-            prompts, images, videos = [prompts], [images], [videos]
-        if images is None:
-            images = [None] * len(prompts)
-        if videos is None:
-            videos = [None] * len(prompts)
-        for kind, given in (("image", images), ("video", videos)):
-            if len(given) != len(prompts):
-                raise InputError(f"got {len(prompts)} prompts but {len(given)} {kind} entries; give one entry per prompt")
-        per_prompt, videos_per_prompt = [], []
-        for index, (prompt, entry, clips) in enumerate(zip(prompts, images, videos)):
+            prompts, images, videos, audios = [prompts], [images], [videos], [audios]
+        given = {"image": images, "video": videos, "audio": audios}
+        for kind in given:
+            given[kind] = [None] * len(prompts) if given[kind] is None else given[kind]
+            if len(given[kind]) != len(prompts):
+                raise InputError(f"got {len(prompts)} prompts but {len(given[kind])} {kind} entries; give one entry per prompt")
+        per_prompt, videos_per_prompt, audios_per_prompt = [], [], []
+        for index, (prompt, entry, clips, sounds) in enumerate(zip(prompts, *given.values())):
             if not isinstance(prompt, str):
                 raise InputError(f"prompt {index} must be a string, got {type(prompt).__name__}")
-            entry = [] if entry is None else entry if isinstance(entry, (list, tuple)) else [entry]
-            clips = [] if clips is None else list(clips) if isinstance(clips, (list, tuple)) else [clips]
-            for marker, given, kind in (("<image>", entry, "images"), ("<video>", clips, "videos")):
+            entry, clips, sounds = ([] if item is None else list(item) if isinstance(item, (list, tuple)) else [item]
+                                    for item in (entry, clips, sounds))
+            for marker, items, kind in (("<image>", entry, "images"), ("<video>", clips, "videos"), ("<audio>", sounds, "audios")):
                 placeholders = prompt.count(marker)
-                if placeholders and placeholders != len(given):
-                    raise InputError(f"prompt {index} has {placeholders} '{marker}' placeholders but {len(given)} {kind}")
+                if placeholders and placeholders != len(items):
+                    raise InputError(f"prompt {index} has {placeholders} '{marker}' placeholders but {len(items)} {kind}")
+            if clips and not self.adapter.supports_video:
+                raise InputError(f"{self.adapter.family} models do not read videos; use a Qwen2-VL, Qwen2.5-VL or Qwen2.5-Omni "
+                                 "model, or pass a video's frames as images")
+            if sounds and not self.adapter.reads_audio:
+                raise InputError(f"{self.adapter.family} models do not hear audio; use a Qwen2.5-Omni model")
             self._refuse_reserved_tokens(index, prompt)
             per_prompt.append([self._prepared(load_image(image)) for image in entry])
             videos_per_prompt.append([video_clip(clip, with_audio=self.adapter.reads_audio) for clip in clips])
-        return prompts, per_prompt, videos_per_prompt
+            audios_per_prompt.append([audio_clip(sound) for sound in sounds])
+        return prompts, per_prompt, videos_per_prompt, audios_per_prompt
 
     def _prepared(self, image):
         for stage in self.plan.stages:
@@ -188,19 +193,22 @@ class Pipeline:
 
     def _user_token_ids(self, prompt) -> list:
         """Token ids of the user's own words: no chat template, and tokenomy's media markers left out."""
-        return self.adapter.tokenizer(prompt.replace("<image>", " ").replace("<video>", " "), add_special_tokens=False)["input_ids"]
+        for marker in MEDIA_MARKERS:
+            prompt = prompt.replace(marker, " ")
+        return self.adapter.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def _refuse_reserved_tokens(self, index, prompt):
         """The model's own image/video tokens in a user's text would be read as placeholders; '<image>' is ours."""
         config = self.model.config
         reserved = {getattr(config, name, None) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                              "vision_end_token_id")} - {None}
+                                                              "vision_end_token_id", "audio_token_id", "audio_start_token_id",
+                                                              "audio_end_token_id")} - {None}
         ids = self._user_token_ids(prompt)
         found = sorted(set(ids) & reserved)
         if found:
             names = self.adapter.tokenizer.convert_ids_to_tokens(found)
-            raise InputError(f"prompt {index} contains the model's reserved token(s) {names}; mark images with '<image>' and "
-                             "videos with '<video>'")
+            raise InputError(f"prompt {index} contains the model's reserved token(s) {names}; mark images with '<image>', "
+                             "videos with '<video>' and audios with '<audio>'")
 
     def _check_lengths(self, inputs, max_new_tokens):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -217,27 +225,29 @@ class Pipeline:
                     f"prefill tokens + max_new_tokens={max_new_tokens}), beyond this model's {limit}; shorten the prompt"
                 )
 
-    def prepare(self, images, prompts, videos=None, contexts=None):
+    def prepare(self, images, prompts, videos=None, audios=None, contexts=None):
         """Process, encode, run the vision-site stages and assemble. Returns (llm_kwargs, context, info).
 
         contexts: per prompt, a dict added to the context of every post-projector stage of its images (the eval runner
         hands a task's sample description this way to the synthvqa oracle diagnostics)."""
-        prompts, per_prompt, videos_per_prompt = self._normalise(images, prompts, videos)
+        prompts, per_prompt, videos_per_prompt, audios_per_prompt = self._normalise(images, prompts, videos, audios)
         if contexts is not None and len(contexts) != len(prompts):
             raise InputError(f"got {len(prompts)} prompts but {len(contexts)} contexts; give one dict per prompt")
-        texts = [self.adapter.chat_text(p, len(imgs), len(clips)) for p, imgs, clips in zip(prompts, per_prompt, videos_per_prompt)]
+        texts = [self.adapter.chat_text(p, len(imgs), len(clips), len(sounds))
+                 for p, imgs, clips, sounds in zip(prompts, per_prompt, videos_per_prompt, audios_per_prompt)]
         flat_images = [image for imgs in per_prompt for image in imgs]
         flat_videos = [clip for clips in videos_per_prompt for clip in clips]
-        batch = self.adapter.process(texts, flat_images, flat_videos).to(self.device)
+        flat_audios = [sound for sounds in audios_per_prompt for sound in sounds]
+        batch = self.adapter.process(texts, flat_images, flat_videos, flat_audios).to(self.device)
         vision = self.adapter.vision
         num_layers, feature = vision.num_layers, self.adapter.layers_run - 1
         records = {id(stage): StageRecord(stage.name, stage.site) for stage in self.plan.stages}
         encoded, final = [], []
-        if flat_images or flat_videos:
+        if flat_images or flat_videos or flat_audios:
             requests = [stage.vision_request(num_layers, feature) for stage in self.plan.stages if stage.site is not Site.LLM]
             encoder_stages = self.plan.at(Site.ENCODER)
             encoded = self.adapter.encode_images(batch, union_request(requests), encoder_stages, self._encoder_requests, records)
-            items_per_prompt = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
+            items_per_prompt = [imgs + clips + sounds for imgs, clips, sounds in zip(per_prompt, videos_per_prompt, audios_per_prompt)]
             site_contexts = self._post_projector_contexts(prompts, items_per_prompt, contexts)
             for index, image in enumerate(encoded):
                 tokens = run_vision_stages(self.plan.at(Site.PRE_PROJECTOR), image.tokens, image.signals, num_layers, feature, index, records)
@@ -252,8 +262,8 @@ class Pipeline:
             position_ids=self.adapter.llm_position_ids(inputs.position_ids, inputs.attention_mask),
         )
         context = self.llm_context(inputs, records if encoded else None)
-        # Stats count a prompt's images and videos together, in the order they were encoded.
-        items = [imgs + clips for imgs, clips in zip(per_prompt, videos_per_prompt)]
+        # Stats count a prompt's images, videos and audios together, in the order they were encoded.
+        items = [imgs + clips + sounds for imgs, clips, sounds in zip(per_prompt, videos_per_prompt, audios_per_prompt)]
         audio = [[note for _, _, note in clips] for clips in videos_per_prompt]
         info = dict(batch=batch, encoded=encoded, final=final, inputs=inputs, per_prompt=items, records=records, audio=audio)
         return llm_kwargs, context, info
@@ -283,20 +293,21 @@ class Pipeline:
 
     # ---- running --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images, prompts, videos=None, contexts=None):
+    def forward(self, images, prompts, videos=None, audios=None, contexts=None):
         """Prefill logits [B, L', vocab] of the reduced sequence (left-padded)."""
-        llm_kwargs, context, info = self.prepare(images, prompts, videos, contexts)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos, audios, contexts)
         self._check_lengths(info["inputs"], 1)
         with context:
             return self.model(**llm_kwargs, use_cache=True).logits
 
     @torch.no_grad()
-    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, videos=None, contexts=None, **generate_kwargs) -> list:
-        """videos: per prompt a video or a list of them ('<video>' in the prompt marks where each goes). contexts: see
-        `prepare`."""
+    def generate(self, images, prompts, max_new_tokens=32, do_sample=False, videos=None, audios=None, contexts=None,
+                 **generate_kwargs) -> list:
+        """videos / audios: per prompt a video / audio or a list of them ('<video>' / '<audio>' in the prompt marks where
+        each goes). contexts: see `prepare`."""
         timer = _ForwardTimer(self.model)
         start = timer.now()
-        llm_kwargs, context, info = self.prepare(images, prompts, videos, contexts)
+        llm_kwargs, context, info = self.prepare(images, prompts, videos, audios, contexts)
         self._check_lengths(info["inputs"], max_new_tokens)
         timer.prepare_ms = (timer.now() - start) * 1e3
         tokenizer = self.adapter.tokenizer
@@ -323,9 +334,17 @@ class Pipeline:
             entered = sum(final[i].num_tokens for i in image_ids)
             surviving = [inputs.visual_positions[sample][k] for k in range(count)]
             per_layer = [entered] * num_layers
+            layer_positions = [[final[i].positions for i in image_ids]] * num_layers
             if run is not None:
                 surviving = [image["positions"] for image in run.samples[sample].images]
                 per_layer = run.visual_per_layer[sample]
+                layer_positions = run.positions_per_layer[sample]
+            items = [encoded[i] for i in image_ids]
+            counted = _by_modality(items, [item.tokens.positions for item in items], [item.num_tokens_in for item in items])
+            modalities_in = {name: tokens for name, tokens in counted.items() if tokens}
+            present = lambda counts: {name: counts.get(name, 0) for name in modalities_in}
+            modalities_entering = present(_by_modality(items, [final[i].positions for i in image_ids]))
+            modalities_per_layer = [present(_by_modality(items, layer)) for layer in layer_positions]
             kept_indices = [encoded[i].index_of(positions[:, 0] if positions.dim() == 3 else positions).tolist()
                             for i, positions in zip(image_ids, surviving)]
             stats = dict(
@@ -337,6 +356,14 @@ class Pipeline:
                 visual_tokens_per_layer=per_layer,
                 # What SEATS budgets count: the visual tokens each LLM layer reads, averaged, over those that came in.
                 layer_averaged_retention=sum(per_layer) / (len(per_layer) * visual_in) if per_layer and visual_in else 1.0,
+                visual_tokens_entering_llm=entered,
+                # The same per modality ("image", "video", "audio": those the prompt holds), which SEATS budgets apart.
+                visual_tokens_in_per_modality=modalities_in,
+                visual_tokens_entering_llm_per_modality=modalities_entering,
+                visual_tokens_per_layer_per_modality={name: [layer[name] for layer in modalities_per_layer] for name in modalities_in},
+                layer_averaged_retention_per_modality={
+                    name: sum(layer[name] for layer in modalities_per_layer) / (num_layers * tokens)
+                    for name, tokens in modalities_in.items()},
                 prefill_tokens=int(inputs.attention_mask[sample].sum()),
                 kept_indices=kept_indices,
                 stages=[records[id(stage)].summary(image_ids) for stage in self.plan.stages],
@@ -376,6 +403,20 @@ def _view(encoded, final, kept: list, llm_merged: bool):
         return dict(pixels=pixels, boxes=boxes, kept=survivors, owner=owner, groups_known=known and not llm_merged)
 
     return TokenView(build)
+
+
+def _by_modality(items: list, positions: list, totals: list | None = None) -> dict:
+    """Tokens per modality of a sample's items, given each item's token positions: an image's are "image"; a video's
+    are "video", except those adapters place at (j, -1, -1), its audio track's ("audio"). `totals`: each item's
+    unreduced token count, which an encoder-site stage may have cut before these positions were taken."""
+    counts = {}
+    for number, (item, where) in enumerate(zip(items, positions)):
+        rows = where if where.dim() == 2 else where[:, 0]
+        audio = int((rows[:, 1] < 0).sum()) if item.token_ids else 0
+        total = len(rows) if totals is None else totals[number]
+        for name, tokens in (("video" if item.token_ids else "image", total - audio), ("audio", audio)):
+            counts[name] = counts.get(name, 0) + tokens
+    return counts
 
 
 def _expanded(plan: Plan, family: str) -> Plan:

@@ -151,6 +151,19 @@ class Task:
         opened = [ref.open() for ref in refs]
         return opened[0] if len(opened) == 1 else opened
 
+    def video(self, doc: dict):
+        """The sample's video as a tokenomy.io.VideoFile (None: the task's media are images)."""
+        return None
+
+    def inputs(self, doc: dict, reads_video: bool) -> tuple:
+        """(images, video) the Pipeline gets for this sample. A sample with a video hands it over as a video to a model
+        that reads videos (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni, which also hears its audio track) and as its sampled
+        frames, images, to the others (LLaVA), through the same reader (tokenomy.io)."""
+        video = self.video(doc)
+        if video is not None and reads_video:
+            return None, video
+        return self.media(doc), None
+
     def prompt(self, doc: dict) -> str:
         raise NotImplementedError
 

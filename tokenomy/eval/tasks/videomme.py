@@ -1,4 +1,10 @@
-"""Video-MME (without subtitles): multiple choice over uniformly sampled frames.
+"""Video-MME (without subtitles): multiple choice over a video of uniformly sampled frames.
+
+A model that reads videos (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni) gets the sampled frames as one video, and
+Qwen2.5-Omni also hears the file's audio track (video only when the file has none, said in the stats). Every other
+model (LLaVA, LLaVA-NeXT, composed) gets the same frames as separate images. Both read through tokenomy.io.load_video
+(`--video_frames` frames, `linspace(0, total - 1, n)` indices), and the results file's task config says which way
+the run went ("video_input").
 
 Scored as lmms-eval (EvolvingLMMs-Lab/lmms-eval at 75571cfe) scores its ``videomme`` task:
 lmms_eval/tasks/videomme/utils.py ``videomme_process_results`` (lines 271-301) reads the letter with
@@ -22,7 +28,7 @@ from PIL import Image
 from tokenomy.eval.choices import mcq_extract_letter
 from tokenomy.eval.tasks.base import Task, as_str_id, mean_percent
 from tokenomy.eval.tasks.lmms_eval_response import lmms_eval_response
-from tokenomy.io import load_video
+from tokenomy.io import VideoFile, video_frames
 
 PROMPT_HEAD = ("Select the best answer to the following multiple-choice question based on the video. "
                "Respond with only the letter (A, B, C, or D) of the correct option.")
@@ -60,9 +66,11 @@ class VideoMME(Task):
             return f"answer must be A-D, got {doc['answer']!r}"
         return None
 
+    def video(self, doc: dict) -> VideoFile:
+        return VideoFile(doc["video"], n_frames=self.n_frames)
+
     def media(self, doc: dict) -> list[Image.Image]:
-        frames, _, _ = load_video(doc["video"], n_frames=self.n_frames)
-        return [Image.fromarray(frame) for frame in frames]
+        return [Image.fromarray(frame) for frame in video_frames(self.video(doc))]
 
     def prompt(self, doc: dict) -> str:
         return f"{PROMPT_HEAD}\n{doc['question']}\n" + "\n".join(doc["options"]) + "\nThe best answer is:"
