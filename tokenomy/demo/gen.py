@@ -46,6 +46,13 @@ def to_pixels(images) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def to_images(pixels: np.ndarray):
+    """uint8 [H, W, 3] -> [1, 3, H, W] in [-1, 1], as the tokenizers read images."""
+    import torch
+
+    return torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+
+
 def enlarge(pixels: np.ndarray, scale: int = SCALE) -> Image.Image:
     image = Image.fromarray(pixels)
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
@@ -178,10 +185,7 @@ class Playground:
         return Decoding(tokens[0].numpy(), self._decode(tokens), steps_cells)
 
     def encode_grid(self, pixels: np.ndarray):
-        import torch
-
-        images = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
-        return self.grid_tokenizer.encode(images)[0]
+        return self.grid_tokenizer.encode(to_images(pixels))[0]
 
     def inpaint(self, tokens, region: tuple, label: int, cfg: float = 2.0, seed: int = 0) -> Decoding:
         """RandAR fills the cells of `region` (top, left, height, width), every other cell teacher-forced."""
@@ -209,8 +213,7 @@ class Playground:
         import torch
 
         tokenizer = self.ordered_tokenizer
-        images = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
-        ids = tokenizer.encode(images)
+        ids = tokenizer.encode(to_images(pixels))
         noise = torch.randn(1, *tokenizer.noise_shape, generator=torch.Generator().manual_seed(int(seed)))
         out = []
         for k in lengths:
