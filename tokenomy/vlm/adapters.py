@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from tokenomy.vision.hf import HFViTEncoder
 from tokenomy.vision.qwen_vit import QwenViTEncoder
 from tokenomy.vlm import composed as _composed  # noqa: F401  registers the composed model with the Auto classes
 from tokenomy.vlm.sites import EncoderSiteHook, VisionSignals
+from tokenomy.vlm.views import cell_boxes, unnormalised
 
 
 @dataclass
@@ -44,6 +45,12 @@ class EncodedImage:
     num_tokens_in: int  # reducible tokens of the unreduced image
     index_of: Callable  # positions [..., 3] -> index among the unreduced image's reducible tokens (stats)
     token_ids: tuple = ()  # placeholder ids its span is made of (a video's, or audio and video interleaved); () = image
+    # For tokenomy.vis: () -> (pixels uint8 [H, W, 3] as the encoder saw them, boxes [num_tokens_in, 4] (x0, y0, x1, y1)
+    # of each reducible token by index), called only when a picture is wanted; None where no picture is defined (videos).
+    view: Optional[Callable] = None
+    # When `tokens.sources` is set (the encoder site merged): for each of its columns the reducible index of that
+    # original token, or -1 for one that never reaches the LLM (LLaVA-NeXT's unpadded patches).
+    source_index: Optional[torch.Tensor] = None
 
 
 def _in_order(features, offsets):
@@ -219,12 +226,24 @@ class LlavaAdapter(Adapter):
         rows = self._encode(pixel_values, request, encoder_stages, requests, records, range(len(pixel_values)))
         grid_shape = self.vision._patch_grid(pixel_values)
         encoded = []
-        for features, grid, sources, signals in rows:
+        for row, (features, grid, sources, signals) in enumerate(rows):
             tokens = ImageTokens(features, grid, sources=sources, project=self._project)
             num_placeholders = grid_shape[0] * grid_shape[1] * grid_shape[2]
             offsets = _raster_offsets(grid_shape)
-            encoded.append(EncodedImage(tokens, signals, num_placeholders, self._project, offsets, _in_order, num_placeholders, offsets))
+            encoded.append(EncodedImage(tokens, signals, num_placeholders, self._project, offsets, _in_order, num_placeholders, offsets,
+                                        view=self._raster_view(pixel_values[row], grid_shape),
+                                        source_index=torch.arange(num_placeholders)))
         return encoded
+
+    def _raster_view(self, pixels: torch.Tensor, grid_shape: tuple) -> Callable:
+        """The picture of one image [3, H, W]: its patches in raster order."""
+        _, h, w = grid_shape
+
+        def view():
+            picture = unnormalised(pixels, self.processor.image_processor)
+            return picture, cell_boxes(h, w, picture.shape[0] // h, picture.shape[1] // w)
+
+        return view
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -285,11 +304,40 @@ class LlavaNextAdapter(LlavaAdapter):
             tokens = ImageTokens(features[order.to(features.device)], positions[order], project=self._project,
                                  sources=torch.cat(sources)[order] if sources else None)
             reducible_index = is_patch.long().cumsum(0) - 1  # packed offset -> index among the patch tokens
+            source_index = torch.where(slot_of_flat >= 0, reducible_index[slot_of_flat.clamp(min=0)], -1)
             encoded.append(EncodedImage(tokens, signals, int(packed.numel()), self._project, offsets_of,
                                         self._packed_layout(is_patch, newline), int(is_patch.sum()),
-                                        lambda positions, o=offsets_of, r=reducible_index: r.to(positions.device)[o(positions)]))
+                                        lambda positions, o=offsets_of, r=reducible_index: r.to(positions.device)[o(positions)],
+                                        view=self._anyres_view(pixel_values[image_index][:count], image_sizes[image_index],
+                                                               packed[is_patch], side),
+                                        source_index=source_index))
             start += count
         return encoded
+
+    def _anyres_view(self, crops: torch.Tensor, image_size, flat_of_token: torch.Tensor, side: int) -> Callable:
+        """The picture of one anyres image: its base view, then (after a gap) its tiles in their grid. flat_of_token:
+        per reducible token, crop * side^2 + row * side + column."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        crop_size = crops.shape[-1]
+        _, columns = get_anyres_image_grid_shape(image_size.tolist(), self.model.config.image_grid_pinpoints, crop_size)
+        gap = max(crop_size // 8, 2)
+
+        def view():
+            pictures = [unnormalised(crop, self.processor.image_processor) for crop in crops]
+            rows = -(-(len(pictures) - 1) // columns)
+            canvas = torch.zeros(max(crop_size, rows * crop_size), crop_size + gap + columns * crop_size, 3, dtype=torch.uint8)
+            corners = [(0, 0)] + [((tile // columns) * crop_size, crop_size + gap + (tile % columns) * crop_size)
+                                  for tile in range(len(pictures) - 1)]
+            for picture, (top, left) in zip(pictures, corners):
+                canvas[top : top + crop_size, left : left + crop_size] = picture
+            cell = crop_size // side
+            crop, within = flat_of_token.cpu() // (side * side), flat_of_token.cpu() % (side * side)
+            corner = torch.tensor(corners)[crop]  # [N, 2] (top, left)
+            y0, x0 = corner[:, 0] + (within // side) * cell, corner[:, 1] + (within % side) * cell
+            return canvas, torch.stack([x0, y0, x0 + cell, y0 + cell], dim=1)
+
+        return view
 
     @staticmethod
     def _packed_offsets(slot_of_flat, per_crop, side):
@@ -394,7 +442,23 @@ class QwenVLAdapter(Adapter):
         units = t * merged_grid[1] * merged_grid[2]
         offsets = _raster_offsets(merged_grid)
         return EncodedImage(tokens, _per_image_signals(out.signals, 0), units, self._project, offsets, _in_order, units, offsets,
-                            token_ids)
+                            token_ids, view=None if token_ids else self._patches_view(pixels, grid_thw[0].tolist()))
+
+    def _patches_view(self, patches: torch.Tensor, grid_thw: list) -> Callable:
+        """The picture of one image from the processor's flattened patches [t*h*w, C * temporal * p * p], which it lays
+        out merge unit by merge unit (t, h/m, w/m, m, m, C, temporal, p, p); one reducible token is one merge unit."""
+        t, h, w = grid_thw
+        processor = self.processor.image_processor
+        merge, temporal = self.vision.merge, processor.temporal_patch_size
+        patch = int(round((patches.shape[-1] / (temporal * 3)) ** 0.5))
+
+        def view():
+            grid = patches.reshape(t, h // merge, w // merge, merge, merge, 3, temporal, patch, patch)
+            frames = grid.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, 3, h * patch, w * patch)
+            cell = merge * patch
+            return unnormalised(frames[0], processor), cell_boxes(h // merge, w // merge, cell, cell)
+
+        return view
 
     @property
     def video_token_id(self):

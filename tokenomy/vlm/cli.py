@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
+    parser.add_argument("--vis", default=None, metavar="OUT.png",
+                        help="write a picture of the tokens kept (clear), dropped (dimmed) and merged (outlined) of the first image")
     parser.set_defaults(func=run)
 
 
@@ -38,6 +40,10 @@ def run(args) -> int:
     pipeline = tokenomy.load(args.model, reducer=args.reducer, device=args.device, position_policy=args.position_policy, **options)
     images = args.image or None
     (result,) = pipeline.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens)
+    if args.vis:
+        from tokenomy.vis import draw_selection
+
+        draw_selection(result).save(args.vis)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats}))
     else:

@@ -20,6 +20,7 @@ from tokenomy.vlm.in_llm import LLMRun, Step
 from tokenomy.vlm.loading import load_local, missing_folder_error, resolve_dtype
 from tokenomy.vlm.sites import StageRecord, encoder_requests, run_vision_stages, union_request
 from tokenomy.vlm.tiny import BUILDERS
+from tokenomy.vlm.views import TokenView, owners
 
 
 @dataclass
@@ -27,6 +28,9 @@ class Generation:
     text: str
     token_ids: list
     stats: dict = field(default_factory=dict)
+    # Per image or video of the prompt, in stats order: a TokenView (tokenomy/vlm/views.py) of what its tokens became,
+    # for tokenomy.vis; None for a video. Kept out of `stats`, which stays JSON.
+    views: list = field(default_factory=list)
 
 
 def available_models() -> list:
@@ -328,8 +332,27 @@ class Pipeline:
                 decode_ms=timer.decode_ms,
             )
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
-            results.append(Generation(text=text, token_ids=new_tokens, stats=stats))
+            llm_merged = run is not None and any(selection.merge_index is not None
+                                                 for (_, owner, _), selection in run.selections.items() if owner == sample)
+            views = [_view(encoded[i], final[i], kept, llm_merged) for i, kept in zip(image_ids, kept_indices)]
+            results.append(Generation(text=text, token_ids=new_tokens, stats=stats, views=views))
         return results
+
+
+def _view(encoded, final, kept: list, llm_merged: bool):
+    """The TokenView of one image (None where its adapter defines no picture, as for videos)."""
+    if encoded.view is None:
+        return None
+    pixels, boxes = encoded.view()
+    first = final.positions[:, 0] if final.positions.dim() == 3 else final.positions
+    before = encoded.tokens
+    if before.sources is not None:
+        columns = encoded.source_index if encoded.source_index is not None and len(encoded.source_index) == before.sources.shape[1] else None
+    else:
+        columns = encoded.index_of(before.positions[:, 0] if before.positions.dim() == 3 else before.positions)
+    survivors = torch.tensor(kept, dtype=torch.long)
+    owner, known = owners(encoded.num_tokens_in, survivors, encoded.index_of(first), final.sources, columns)
+    return TokenView(pixels, boxes, survivors, owner, known and not llm_merged)
 
 
 def _expanded(plan: Plan, family: str) -> Plan:
