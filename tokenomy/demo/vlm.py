@@ -104,7 +104,7 @@ def parse_keep(keep):
 def summary(generation) -> dict:
     stats = generation.stats
     return dict(
-        answer=generation.text, reducer=stats["reducer"], keep=stats["keep"],
+        answer=generation.text.strip(), reducer=stats["reducer"], keep=stats["keep"],
         visual_tokens_in=stats["visual_tokens_in"], visual_tokens_kept=stats["visual_tokens_kept"],
         prefill_tokens=stats["prefill_tokens"], prefill_ms=round(stats["prefill_ms"], 1),
         decode_ms=round(stats["decode_ms"], 1), new_tokens=stats["new_tokens"],
@@ -159,6 +159,10 @@ class ChatSession:
         gr.Warning(problem)
         return f"⚠️ {problem}", None, {"error": problem}
 
+    def reply(self, message, model, reducer, keep, side_by_side, max_new_tokens):
+        """One turn without a conversation before it: the `/chat` API endpoint."""
+        return self.answer(message, [], model, reducer, keep, side_by_side, max_new_tokens)
+
     def _answer(self, message, history, model, reducer, keep, side_by_side, max_new_tokens):
         text = (message.get("text") or "").strip()
         files = [f["path"] if isinstance(f, dict) else f for f in message.get("files") or []] or uploads_in_history(history)
@@ -193,7 +197,12 @@ def example_scene() -> str:
 
 def build_app(model: str = DEFAULT_MODEL, reducer: str = DEFAULT_REDUCER, keep: int = DEFAULT_KEEP,
               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, session: ChatSession | None = None):
-    """The gr.Blocks app; its chat endpoint is `/chat` (message, model, reducer, keep, side_by_side, max_new_tokens)."""
+    """The gr.Blocks app. Its API endpoint `/chat` takes (message {"text", "files"}, model, reducer, keep, side_by_side,
+    max_new_tokens) and returns (reply markdown, picture, stats).
+
+    The chat window's own endpoint (`/chat_turn`) returns its outputs unprocessed, as gr.ChatInterface does for its API,
+    so a client would get no picture from it: `/chat` runs the same turn as an ordinary event whose picture gradio
+    serves as a file."""
     gr = import_gradio()
     from tokenomy.reducers import available
     from tokenomy.vlm.pipeline import available_models
@@ -216,7 +225,8 @@ def build_app(model: str = DEFAULT_MODEL, reducer: str = DEFAULT_REDUCER, keep: 
         with gr.Row():
             with gr.Column(scale=3):
                 gr.ChatInterface(
-                    session.answer, multimodal=True, api_name="chat", additional_inputs=settings,
+                    session.answer, multimodal=True, api_name="chat_turn", api_visibility="undocumented",
+                    additional_inputs=settings,
                     additional_inputs_accordion=gr.Accordion("Model and reduction", open=True),
                     additional_outputs=[picture, stats], fill_height=False, autofocus=False,
                     textbox=gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple",
@@ -228,4 +238,7 @@ def build_app(model: str = DEFAULT_MODEL, reducer: str = DEFAULT_REDUCER, keep: 
             with gr.Column(scale=2):
                 picture.render()
                 stats.render()
+        api_message = gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple", visible=False)
+        api_reply = gr.Markdown(visible=False)
+        gr.Button(visible=False).click(session.reply, [api_message, *settings], [api_reply, picture, stats], api_name="chat")
     return app
