@@ -227,7 +227,7 @@ def build_app(model: str = DEFAULT_MODEL, reducer: str = DEFAULT_REDUCER, keep: 
                 gr.ChatInterface(
                     session.answer, multimodal=True, api_name="chat_turn", api_visibility="undocumented",
                     additional_inputs=settings,
-                    additional_inputs_accordion=gr.Accordion("Model and reduction", open=True),
+                    additional_inputs_accordion=gr.Accordion("Model and reduction", open=True, render=False),
                     additional_outputs=[picture, stats], fill_height=False, autofocus=False,
                     textbox=gr.MultimodalTextbox(file_types=["image", "video"], file_count="multiple",
                                                  placeholder="Ask about the image; attach an image or a video"),
