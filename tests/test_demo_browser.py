@@ -8,6 +8,7 @@ the screenshot.
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -47,6 +48,8 @@ def test_one_chat_turn_in_chromium(browser, tmp_path):
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     with serving_in_thread(build_app()) as url:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        fetched = []
+        page.on("request", lambda request: fetched.append(request.url))
         page.goto(url)
         message = page.locator("textarea").first
         message.wait_for()
@@ -64,6 +67,9 @@ def test_one_chat_turn_in_chromium(browser, tmp_path):
         text = reply.inner_text()
         page.close()
     assert text.startswith("yellow") and "64 / 256" in text, text
+    # the page fetched from the demo only: no analytics, no web fonts, nothing beyond 127.0.0.1
+    web = [address for address in fetched if address.startswith("http")]
+    assert web and [address for address in web if urlparse(address).hostname != "127.0.0.1"] == []
     pixels = np.asarray(Image.open(screenshot).convert("RGB")).astype(np.float32)
     assert pixels.shape[0] >= 900 and pixels.shape[1] == 1280
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # text and pictures, not a blank page

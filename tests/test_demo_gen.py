@@ -1,4 +1,7 @@
 """`tokenomy demo gen`: the playground's pieces on fixed inputs, then the served app driven through gradio_client."""
+import socket
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,9 +73,25 @@ def _gallery_paths(gallery):
     return [item["image"] if isinstance(item, dict) else item[0] for item in gallery]
 
 
+def listening_addresses(port: int) -> list:
+    """IPv4 addresses with a socket listening on `port`, read from Linux's /proc/net/tcp (hex, little-endian)."""
+    table = Path("/proc/net/tcp")
+    if not table.is_file():
+        pytest.skip("no /proc/net/tcp to read which address the server bound")
+    found = []
+    for line in table.read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, local_port = local.split(":")
+        if int(local_port, 16) == port and state == "0A":  # 0A: LISTEN
+            found.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
 def test_served_playground_through_gradio_client(tmp_path):
     Client, handle_file = gradio_client.Client, gradio_client.handle_file
     with serving_cli(["gen", "--max-file-size", "64kb"], tmp_path / "server.log") as (url, _):
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        assert listening_addresses(port) == ["127.0.0.1"]  # this machine only, not 0.0.0.0
         client = Client(url, verbose=False)
         endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
         assert {"/sample", "/inpaint", "/coarse_to_fine"} <= set(endpoints)

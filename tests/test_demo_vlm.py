@@ -1,4 +1,6 @@
 """`tokenomy demo vlm`: the chat's pieces on fixed inputs, then the served app driven through gradio_client."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,6 +8,7 @@ from PIL import Image
 from tests.demo_server import png_claiming_size, serving_in_thread
 from tests.media_fixtures import write_video
 from tokenomy.demo.vlm import ChatSession, PipelineCache, build_app, example_scene, format_reply, parse_keep, split_uploads, uploads_in_history
+from tokenomy.demo.serving import parse_file_size
 from tokenomy.errors import InputError, UnknownNameError
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -57,6 +60,13 @@ def test_pipeline_cache_shares_the_model_and_stays_bounded():
     assert list(cache.models) == ["tiny-qwen2-vl"] and all(key[0] == "tiny-qwen2-vl" for key in cache.pipelines)
 
 
+def test_file_size_option_reads_units_and_refuses_nonsense():
+    assert parse_file_size("20mb") == 20 * 2**20 and parse_file_size("512KB") == 512 * 1024 and parse_file_size(1000) == 1000
+    for bad in ("lots", "0kb", "-1mb"):
+        with pytest.raises(InputError, match="max-file-size"):
+            parse_file_size(bad)
+
+
 def _chat(client, files, text=QUESTION, model="ref-llava", reducer="vtc-cls", keep=64, side_by_side=False, max_new_tokens=8):
     handle = gradio_client.handle_file
     return client.predict({"text": text, "files": [handle(str(f)) for f in files]}, model, reducer, keep, side_by_side,
@@ -66,7 +76,9 @@ def _chat(client, files, text=QUESTION, model="ref-llava", reducer="vtc-cls", ke
 def test_served_chat_through_gradio_client(tmp_path, caplog):
     session = ChatSession()
     scene = example_scene()
-    with serving_in_thread(build_app(session=session), max_file_size="64kb") as url:
+    app = build_app(session=session)
+    assert app.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    with serving_in_thread(app, max_file_size="64kb") as url:
         client = gradio_client.Client(url, verbose=False)
         assert "/chat" in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
 

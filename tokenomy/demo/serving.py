@@ -1,5 +1,4 @@
-"""What both demos share: importing gradio with analytics off, an offline theme, and launching bound to one address
-with an upload cap."""
+"""What both demos share: importing gradio with analytics off, and launching bound to one address with an upload cap."""
 from __future__ import annotations
 
 import os
@@ -9,9 +8,6 @@ from tokenomy.errors import InputError, TokenomyError
 DEFAULT_HOST = "127.0.0.1"  # reachable from this machine only, unless the user asks for more with --host
 DEFAULT_PORT = 7860
 DEFAULT_MAX_FILE_SIZE = "20mb"
-# System fonts: gradio's default theme fetches Google Fonts, a call outside the machine that an offline demo must not make.
-SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
-SYSTEM_MONO_FONTS = ("ui-monospace", "monospace")
 
 
 def import_gradio():
@@ -22,11 +18,6 @@ def import_gradio():
     except ModuleNotFoundError as exc:
         raise TokenomyError("the demos need gradio; install the demo extra: pip install 'tokenomy[demo]'") from exc
     return gradio
-
-
-def offline_theme():
-    gr = import_gradio()
-    return gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(SYSTEM_MONO_FONTS))
 
 
 def parse_file_size(text) -> int:
@@ -54,6 +45,6 @@ def launch(app, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, max_f
     app.queue(default_concurrency_limit=1)  # one model run at a time: a CPU or a single GPU serves one request well
     _, url, _ = app.launch(
         server_name=host, server_port=port, max_file_size=parse_file_size(max_file_size), prevent_thread_lock=not block,
-        quiet=not block, show_error=False, theme=offline_theme(), share=False,
+        quiet=not block, show_error=False, share=False,
     )
     return url
