@@ -67,6 +67,16 @@ def test_file_size_option_reads_units_and_refuses_nonsense():
             parse_file_size(bad)
 
 
+def test_command_refuses_a_bad_start_before_serving(capsys, tmp_path):
+    from tokenomy.cli import main
+
+    for args, message in [(["--model", str(tmp_path / "missing")], "does not exist"),
+                          (["--reducer", "fast-v"], "unknown reducer 'fast-v'"),
+                          (["--max-file-size", "lots"], "--max-file-size 'lots'")]:
+        assert main(["demo", "vlm", *args, "--port", "1"]) == 2
+        assert message in capsys.readouterr().err
+
+
 def _chat(client, files, text=QUESTION, model="ref-llava", reducer="vtc-cls", keep=64, side_by_side=False, max_new_tokens=8):
     handle = gradio_client.handle_file
     return client.predict({"text": text, "files": [handle(str(f)) for f in files]}, model, reducer, keep, side_by_side,

@@ -32,16 +32,22 @@ def add_parser(subparsers) -> None:
 
 def _run_vlm(args) -> int:
     from tokenomy.demo import vlm
-    from tokenomy.demo.serving import launch
+    from tokenomy.demo.serving import launch, parse_file_size
 
-    app = vlm.build_app(model=args.model, reducer=args.reducer, keep=args.keep, max_new_tokens=args.max_new_tokens)
-    launch(app, host=args.host, port=args.port, max_file_size=args.max_file_size)
+    max_file_size = parse_file_size(args.max_file_size)
+    session = vlm.ChatSession()
+    # the initial choice loads now: a bad model or spec fails here, and the first question does not wait for the load
+    session.cache.get(args.model, args.reducer, vlm.parse_keep(args.keep))
+    app = vlm.build_app(model=args.model, reducer=args.reducer, keep=args.keep, max_new_tokens=args.max_new_tokens,
+                        session=session)
+    launch(app, host=args.host, port=args.port, max_file_size=max_file_size)
     return 0
 
 
 def _run_gen(args) -> int:
     from tokenomy.demo import gen
-    from tokenomy.demo.serving import launch
+    from tokenomy.demo.serving import launch, parse_file_size
 
-    launch(gen.build_app(), host=args.host, port=args.port, max_file_size=args.max_file_size)
+    max_file_size = parse_file_size(args.max_file_size)
+    launch(gen.build_app(), host=args.host, port=args.port, max_file_size=max_file_size)
     return 0

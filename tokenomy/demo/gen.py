@@ -178,11 +178,15 @@ class Playground:
             tokens = generator.generate(labels, cfg=float(cfg), generator=rng)
             steps_cells = [[cell] for cell in range(generator.num_tokens)]
         else:
-            record = []
-            tokens = generator.generate(labels, steps=int(steps), order=order, cfg=float(cfg), generator=rng,
-                                        on_step=lambda info: record.append((info["decoded"], info["k"], info["order"])))
-            steps_cells = [order_[0, done:done + k].tolist() for done, k, order_ in record]
+            tokens, steps_cells = self._randar(labels, steps=int(steps), order=order, cfg=float(cfg), generator=rng)
         return Decoding(tokens[0].numpy(), self._decode(tokens), steps_cells)
+
+    def _randar(self, labels, **options):
+        """RandAR's tokens and, per decoding step, the cells it decoded (read from the order the sampler used)."""
+        record = []
+        tokens = self.generators["randar"].generate(
+            labels, on_step=lambda info: record.append((info["decoded"], info["k"], info["order"])), **options)
+        return tokens, [order[0, done:done + k].tolist() for done, k, order in record]
 
     def encode_grid(self, pixels: np.ndarray):
         return self.grid_tokenizer.encode(to_images(pixels))[0]
@@ -195,12 +199,8 @@ class Playground:
         rows, cols = self.grid
         known = torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(rows, cols).clone()
         known[top:top + height, left:left + width] = -1
-        known = known.reshape(1, -1)
-        record = []
-        filled = self.generators["randar"].generate(
-            torch.tensor([int(label)]), known=known, cfg=float(cfg), generator=torch.Generator().manual_seed(int(seed)),
-            on_step=lambda info: record.append((info["decoded"], info["k"], info["order"])))
-        steps_cells = [order_[0, done:done + k].tolist() for done, k, order_ in record]
+        filled, steps_cells = self._randar(torch.tensor([int(label)]), known=known.reshape(1, -1), cfg=float(cfg),
+                                           generator=torch.Generator().manual_seed(int(seed)))
         return Decoding(filled[0].numpy(), self._decode(filled), steps_cells)
 
     def strip_lengths(self) -> list:
@@ -259,12 +259,12 @@ class PlaygroundApp:
             frames = reveal_frames(decoding, self.playground.grid)
             self._gifs += 1
             gif = write_gif(frames, self.workdir / f"decoding-{self._gifs}.gif")
-            last = {"tokens": decoding.tokens.tolist(), "image": decoding.image.tolist(), "label": int(label)}
+            last = {"tokens": decoding.tokens.tolist(), "image": decoding.image.tolist()}
             status = (f"{kind}: {len(decoding.tokens)} tokens in {len(decoding.steps)} steps"
                       f" ({'raster order' if kind == 'raster' else order + ' order'})")
             return enlarge(decoding.image), str(gif), evenly(frames, MAX_GALLERY_FRAMES), last, status
 
-        return self._reported(run, (None, None, [], None))
+        return self._reported(run, (None, None, [], import_gradio().skip()))  # a failed sample keeps the last one
 
     def inpaint(self, upload, last, label, top, left, height, width, cfg, seed):
         def run():

@@ -8,6 +8,7 @@ never as a stack trace.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -145,6 +146,9 @@ class ChatSession:
 
     def __init__(self, cache: PipelineCache | None = None):
         self.cache = cache or PipelineCache()
+        # The chat window and the /chat endpoint are separate gradio events, each with its own queue slot, and the
+        # pipelines of one model share it: LLM-site reducers hook its layers while they run, so runs take turns.
+        self.model_lock = threading.Lock()
 
     def answer(self, message, history, model, reducer, keep, side_by_side, max_new_tokens):
         """(reply markdown, picture of the kept tokens or None, stats) for one chat turn."""
@@ -172,11 +176,12 @@ class ChatSession:
         images, videos = split_uploads(files)
         runs = [(reducer, parse_keep(keep))] + ([(FULL, None)] if side_by_side else [])
         results = []
-        for spec, budget in runs:
-            pipeline = self.cache.get(model, spec, budget)
-            (generation,) = pipeline.generate([images or None], [text], max_new_tokens=int(max_new_tokens),
-                                              videos=[videos or None])
-            results.append(generation)
+        with self.model_lock:
+            for spec, budget in runs:
+                pipeline = self.cache.get(model, spec, budget)
+                (generation,) = pipeline.generate([images or None], [text], max_new_tokens=int(max_new_tokens),
+                                                  videos=[videos or None])
+                results.append(generation)
         reduced = summary(results[0])
         full = summary(results[1]) if side_by_side else None
         picture = kept_tokens_picture(results[0], images[0]) if images else None  # tokenomy.vis draws images, not videos
@@ -185,13 +190,16 @@ class ChatSession:
 
 def example_scene() -> str:
     """A synthvqa test scene written to a temporary file: the example the app offers (ref-llava answers 'yellow')."""
+    import os
     import tempfile
 
     from tokenomy.eval import synthvqa
 
     path = Path(tempfile.gettempdir()) / "tokenomy-demo-scene-test-0.png"
     if not path.is_file():
-        synthvqa.render(synthvqa.make_scene("test", 0)).save(path)
+        partial = path.with_suffix(f".{os.getpid()}.png")  # written whole, then renamed: no reader sees half a file
+        synthvqa.render(synthvqa.make_scene("test", 0)).save(partial)
+        os.replace(partial, path)
     return str(path)
 
 
