@@ -315,7 +315,7 @@ def build_app(playground: Playground | None = None):
             with gr.Row():
                 sampled = gr.Image(label="sample", type="pil", interactive=False)
                 gif = gr.Image(label="decoding order (animated)", type="filepath", interactive=False)
-            frames = gr.Gallery(label="decoding steps", columns=8, height="auto")
+            frames = gr.Gallery(label="decoding steps", columns=8, height=340)
             go.click(handlers.sample, [label, kind, steps, order, cfg, seed], [sampled, gif, frames, last, sample_status],
                      api_name="sample")
         with gr.Tab("Inpaint"):
@@ -352,6 +352,7 @@ def build_app(playground: Playground | None = None):
                 prefix = gr.Image(label="first k tokens decoded", type="pil", interactive=False)
             strip = gr.Image(label=f"k = {', '.join(map(str, handlers.playground.strip_lengths()))}", type="pil",
                              interactive=False)
-            gr.on([k.release, prefix_upload.change], handlers.coarse_to_fine, [prefix_upload, last, k, prefix_seed],
-                  [original, prefix, strip, prefix_status], api_name="coarse_to_fine")
+            # always_last: while the slider moves, only its latest value is decoded once the previous one is done
+            gr.on([k.change, prefix_upload.change], handlers.coarse_to_fine, [prefix_upload, last, k, prefix_seed],
+                  [original, prefix, strip, prefix_status], api_name="coarse_to_fine", trigger_mode="always_last")
     return app
