@@ -42,7 +42,8 @@ def wait_until_serving(url: str, process: subprocess.Popen | None = None, log: P
         if process is not None and process.poll() is not None:
             pytest.fail(f"the demo server exited with {process.returncode}:\n{log.read_text() if log else ''}")
         if time.monotonic() > deadline:
-            pytest.fail(f"the demo server at {url} did not answer within {STARTUP_DEADLINE_S} s:\n{log.read_text() if log else ''}")
+            printed = log.read_text() if log else ""
+            pytest.fail(f"the demo server at {url} did not answer within {STARTUP_DEADLINE_S} s:\n{printed}")
         time.sleep(0.5)
 
 

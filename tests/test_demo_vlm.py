@@ -7,7 +7,8 @@ from PIL import Image
 
 from tests.demo_server import png_claiming_size, serving_in_thread
 from tests.media_fixtures import write_video
-from tokenomy.demo.vlm import ChatSession, PipelineCache, build_app, example_scene, format_reply, parse_keep, split_uploads, uploads_in_history
+from tokenomy.demo.vlm import (ChatSession, PipelineCache, build_app, example_scene, format_reply, parse_keep, split_uploads,
+                               uploads_in_history)
 from tokenomy.demo.serving import parse_file_size
 from tokenomy.errors import InputError, UnknownNameError
 
@@ -24,7 +25,8 @@ def test_keep_field_blank_or_zero_means_the_reducer_default():
 
 
 def test_uploads_sorted_by_kind_and_found_again_in_history():
-    assert split_uploads(["/a/x.PNG", "/a/clip.MP4", "/a/y.jpg", "/a/z.webm"]) == (["/a/x.PNG", "/a/y.jpg"], ["/a/clip.MP4", "/a/z.webm"])
+    images, videos = split_uploads(["/a/x.PNG", "/a/clip.MP4", "/a/y.jpg", "/a/z.webm"])
+    assert images == ["/a/x.PNG", "/a/y.jpg"] and videos == ["/a/clip.MP4", "/a/z.webm"]
     history = [  # gradio 6 chat history as the Chatbot hands it to the chat function
         {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/first.png"}}, {"type": "text", "text": "hi"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
@@ -58,6 +60,16 @@ def test_pipeline_cache_shares_the_model_and_stays_bounded():
         cache.get("tiny-llava", "fast-v", None)
     cache.get("tiny-qwen2-vl", "none", None)  # a second model evicts the first and its pipelines
     assert list(cache.models) == ["tiny-qwen2-vl"] and all(key[0] == "tiny-qwen2-vl" for key in cache.pipelines)
+
+
+def test_a_turn_on_qwen_draws_its_merged_grid_and_a_text_only_turn_draws_nothing():
+    session = ChatSession()
+    reply, picture, stats = session.reply({"text": "what is it?", "files": [example_scene()]}, "tiny-qwen2.5-vl", "random", 8,
+                                          False, 2)
+    assert stats["reduced"]["visual_tokens_kept"] == 8 and stats["reduced"]["visual_tokens_in"] > 8
+    assert picture.size == (140, 140) and np.asarray(picture).std() > 0  # drawn over the 140 px image Qwen read (5x5 merged)
+    reply, picture, stats = session.reply({"text": "hello", "files": []}, "tiny-qwen2.5-vl", "random", 8, False, 2)
+    assert picture is None and stats["reduced"]["visual_tokens_in"] == 0 and not reply.startswith("⚠️")
 
 
 def test_file_size_option_reads_units_and_refuses_nonsense():
@@ -126,7 +138,8 @@ def test_served_chat_through_gradio_client(tmp_path, caplog):
             ([scene], dict(text="   "), "type a question"),
         ]:
             reply, picture, stats = _chat(client, files, **kwargs)
-            assert reply.startswith("⚠️") and message in reply and message in stats["error"] and picture is None, (message, reply)
+            assert reply.startswith("⚠️") and message in reply, (message, reply)
+            assert message in stats["error"] and picture is None
 
         huge = tmp_path / "huge.png"
         huge.write_bytes(b"\x89PNG" + bytes(100 * 1024))

@@ -340,7 +340,8 @@ def build_app(playground: Playground | None = None):
             fill.click(handlers.inpaint, [upload, last, inpaint_label, top, left, height, width, inpaint_cfg, inpaint_seed],
                        [masked, inpainted, inpaint_status], api_name="inpaint")
         with gr.Tab("Coarse to fine"):
-            gr.Markdown(f"The ordered tokenizer (FlexTok-style, {num_ordered} tokens) reads the image; the slider decodes its first k "
+            gr.Markdown(f"The ordered tokenizer (FlexTok-style, {num_ordered} tokens) reads the image; "
+                        "the slider decodes its first k "
                         "tokens, from the same noise every time. Starts from the last sample unless an image is uploaded.")
             with gr.Row():
                 prefix_upload = gr.File(label="image (optional)", file_types=["image"], type="filepath")

@@ -223,12 +223,14 @@ def build_app(model: str = DEFAULT_MODEL, reducer: str = DEFAULT_REDUCER, keep: 
                     info="a built-in name or the path of a local model folder"),
         gr.Dropdown(available(), value=reducer, allow_custom_value=True, label="Reducer",
                     info="a registered reducer or a stacked spec such as vtc-cls:keep=128+fastv"),
-        gr.Number(value=keep, precision=0, minimum=0, label="keep", info="visual tokens per image the last stage keeps; 0 = its default"),
+        gr.Number(value=keep, precision=0, minimum=0, label="keep",
+                  info="visual tokens per image the last stage keeps; 0 = its default"),
         gr.Checkbox(value=False, label="Side by side: also answer without reduction"),
         gr.Slider(1, 128, value=max_new_tokens, step=1, label="max new tokens"),
     ]
     with gr.Blocks(title="tokenomy: chat with token reduction", analytics_enabled=False) as app:
-        gr.Markdown("## tokenomy: chat with visual-token reduction\nUpload an image (or a video, for Qwen models), ask a question, "
+        gr.Markdown("## tokenomy: chat with visual-token reduction\n"
+                    "Upload an image (or a video, for Qwen models), ask a question, "
                     "and see the answer, how many visual tokens the reducer kept and which ones.")
         with gr.Row():
             with gr.Column(scale=3):
