@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	# torch 2.14.1 + torchvision 0.29.1 come from local disk; other torch releases break torchvision here.
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[dev,video,demo]"
+	# lmms-eval for tests/test_lmms_eval_plugin.py, without its full requirements (av<16 and python-dateutil<3 would
+	# replace the versions above): the package plus what its evaluation path imports.
+	$(PY) -m pip install --no-deps lmms-eval==0.7 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 \
+		pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1
+	$(PY) -m pip install accelerate==1.15.0 loguru==0.7.3 sacrebleu==2.6.0 evaluate==0.4.6 tenacity==9.2.1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,6 @@
 """tokenomy.vis: kept tokens drawn clear, dropped ones dimmed by DIM, merged groups outlined in one colour each."""
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -159,6 +161,8 @@ def test_index_and_scaling_and_errors():
     assert draw_selection(two, image=bright_image(200, 130)).size == (112, 112)  # x2: the largest multiple that fits
     with pytest.raises(InputError, match="index=2"):
         draw_selection(two, index=2)
+    copy = pickle.loads(pickle.dumps(two))
+    assert np.array_equal(np.asarray(draw_selection(copy, index=1)), np.asarray(draw_selection(two, index=1)))
     (text_only,) = pipeline.generate([None], ["Hello"], max_new_tokens=2)
     with pytest.raises(InputError, match="no image views"):
         draw_selection(text_only)
@@ -174,3 +178,22 @@ def test_generate_cli_writes_the_picture(tmp_path):
     processed = np.asarray(bright_image(56, 56)).astype(int)
     unchanged = sum(np.abs(cell(picture, t) - cell(processed, t)).max() <= 1 for t in range(49))
     assert unchanged == 5
+
+
+def test_merge_inside_the_llm_draws_kept_tokens_only():
+    # PPE's cascade merges at LLM layers, where members are not traced: the kept tokens are drawn, no group claimed.
+    pipeline = tokenomy.load("tiny-llava", "ppe-cascade", keep=6, position_policy="multi", ppe_k=2)
+    (result,) = pipeline.generate([bright_image(56, 56)], ["What is it?"], max_new_tokens=2)
+    assert result.views[0].groups_known is False
+    clear, _ = clear_cells(result)
+    assert clear == result.stats["kept_indices"][0] and len(clear) == 6
+
+
+def test_generate_cli_vis_errors_name_the_option(tmp_path, capsys):
+    image_path = tmp_path / "in.png"
+    bright_image(56, 56).save(image_path)
+    assert cli_main(["generate", "--model", "tiny-llava", "--prompt", "What?", "--vis", str(tmp_path / "v.png")]) == 2
+    assert "--vis" in capsys.readouterr().err
+    assert cli_main(["generate", "--model", "tiny-llava", "--image", str(image_path), "--prompt", "What?",
+                     "--max-new-tokens", "1", "--vis", str(tmp_path / "no_such_folder" / "v.png")]) == 2
+    assert "--vis" in capsys.readouterr().err

@@ -325,7 +325,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
         def view():
             pictures = [unnormalised(crop, self.processor.image_processor) for crop in crops]
-            rows = -(-(len(pictures) - 1) // columns)
+            rows = (len(pictures) - 2) // columns + 1  # tiles after the base view, columns to a row
             canvas = torch.zeros(max(crop_size, rows * crop_size), crop_size + gap + columns * crop_size, 3, dtype=torch.uint8)
             corners = [(0, 0)] + [((tile // columns) * crop_size, crop_size + gap + (tile % columns) * crop_size)
                                   for tile in range(len(pictures) - 1)]
@@ -449,8 +449,7 @@ class QwenVLAdapter(Adapter):
         out merge unit by merge unit (t, h/m, w/m, m, m, C, temporal, p, p); one reducible token is one merge unit."""
         t, h, w = grid_thw
         processor = self.processor.image_processor
-        merge, temporal = self.vision.merge, processor.temporal_patch_size
-        patch = int(round((patches.shape[-1] / (temporal * 3)) ** 0.5))
+        merge, temporal, patch = self.vision.merge, processor.temporal_patch_size, processor.patch_size
 
         def view():
             grid = patches.reshape(t, h // merge, w // merge, merge, merge, 3, temporal, patch, patch)

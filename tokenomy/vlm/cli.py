@@ -37,13 +37,18 @@ def run(args) -> int:
         options[key] = parse_value(value)
     if args.keep is not None:
         options["keep"] = args.keep
+    if args.vis and not args.image:
+        raise InputError("--vis draws the first image's tokens; give an --image")
     pipeline = tokenomy.load(args.model, reducer=args.reducer, device=args.device, position_policy=args.position_policy, **options)
     images = args.image or None
     (result,) = pipeline.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens)
     if args.vis:
         from tokenomy.vis import draw_selection
 
-        draw_selection(result).save(args.vis)
+        try:
+            draw_selection(result).save(args.vis)
+        except (OSError, ValueError) as exc:  # PIL: an unwritable path, or an extension it has no format for
+            raise InputError(f"--vis {args.vis}: cannot write the picture: {exc}") from exc
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats}))
     else:

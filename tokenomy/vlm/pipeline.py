@@ -340,19 +340,27 @@ class Pipeline:
 
 
 def _view(encoded, final, kept: list, llm_merged: bool):
-    """The TokenView of one image (None where its adapter defines no picture, as for videos)."""
+    """The TokenView of one image (None where its adapter defines no picture, as for videos). It holds only the small
+    tensors it needs (positions, sources, the image's pixels), not the features."""
     if encoded.view is None:
         return None
-    pixels, boxes = encoded.view()
+    picture, index_of, total = encoded.view, encoded.index_of, encoded.num_tokens_in
     first = final.positions[:, 0] if final.positions.dim() == 3 else final.positions
-    before = encoded.tokens
-    if before.sources is not None:
+    sources, before = final.sources, encoded.tokens
+    encoder_merged = before.sources is not None
+    if not encoder_merged:  # source columns are the rows of the encoder's output
+        columns = before.positions[:, 0] if before.positions.dim() == 3 else before.positions
+    else:  # ... or the encoder's own columns
         columns = encoded.source_index if encoded.source_index is not None and len(encoded.source_index) == before.sources.shape[1] else None
-    else:
-        columns = encoded.index_of(before.positions[:, 0] if before.positions.dim() == 3 else before.positions)
-    survivors = torch.tensor(kept, dtype=torch.long)
-    owner, known = owners(encoded.num_tokens_in, survivors, encoded.index_of(first), final.sources, columns)
-    return TokenView(pixels, boxes, survivors, owner, known and not llm_merged)
+
+    def build() -> dict:
+        pixels, boxes = picture()
+        traced = columns if encoder_merged else index_of(columns)
+        survivors = torch.tensor(kept, dtype=torch.long)
+        owner, known = owners(total, survivors, index_of(first), sources, traced)
+        return dict(pixels=pixels, boxes=boxes, kept=survivors, owner=owner, groups_known=known and not llm_merged)
+
+    return TokenView(build)
 
 
 def _expanded(plan: Plan, family: str) -> Plan:

@@ -6,14 +6,13 @@ tokens each of them holds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
-@dataclass
 class TokenView:
-    """One image of a prompt.
+    """One image of a prompt, worked out on first use (a Generation carries one per image; most are never drawn).
 
     pixels: uint8 [H, W, 3], the image as the vision encoder saw it (resized and cropped by the processor; LLaVA-NeXT:
     its base view, then its tiles in their grid). boxes: [N0, 4] (x0, y0, x1, y1) pixel box of each reducible token of
@@ -23,11 +22,23 @@ class TokenView:
     (an encoder-site prune before an encoder-site merge, or a merge inside the LLM); owner then covers kept tokens only.
     """
 
-    pixels: torch.Tensor
-    boxes: torch.Tensor
-    kept: torch.Tensor
-    owner: torch.Tensor
-    groups_known: bool = True
+    def __init__(self, build: Callable[[], dict]):
+        self._build, self._fields = build, None
+
+    def _field(self, name: str):
+        if self._fields is None:
+            self._fields, self._build = self._build(), None
+        return self._fields[name]
+
+    def __getstate__(self):  # pickled (multiprocessing, a UI's session state) as plain tensors, not the closure
+        self._field("pixels")
+        return {"_build": None, "_fields": self._fields}
+
+    pixels = property(lambda self: self._field("pixels"))
+    boxes = property(lambda self: self._field("boxes"))
+    kept = property(lambda self: self._field("kept"))
+    owner = property(lambda self: self._field("owner"))
+    groups_known = property(lambda self: self._field("groups_known"))
 
 
 def unnormalised(pixels: torch.Tensor, image_processor) -> torch.Tensor:
