@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A new .venv takes about 6.6 GiB (torch 2.14.1 is a CUDA build with its nvidia libraries): say so before pip fills the disk.
 VENV_NEEDS_GIB ?= 7
 
-.PHONY: run test install clean
+.PHONY: run test install clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
@@ -25,7 +25,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+# tests/test_demo_browser.py drives Debian's chromium through Playwright: install chromium when it is missing and apt-get
+# is usable (as root, or through sudo without a password); otherwise that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+			as_root=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+			$$as_root apt-get update -qq && $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+				|| echo "make: installing chromium with apt-get failed; the browser test will skip"; \
+		else echo "make: chromium is missing and apt-get is not usable here; the browser test will skip"; fi; }
+
+test: $(STAMP) browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q tests
 
 # `make run`: every registered reducer that reduces images to a budget (all but the omni-only seats) at about 25%,

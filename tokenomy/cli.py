@@ -11,6 +11,7 @@ SUBCOMMAND_MODULES = [
     "tokenomy.eval.cli",
     "tokenomy.generation.cli",
     "tokenomy.train.cli",
+    "tokenomy.demo.cli",
 ]
 
 
