@@ -8,22 +8,15 @@ import torch
 
 import tokenomy
 from tests.test_omni_audio import tone
-from tests.test_reduction_plans import EncoderPrune, check_plan
+from tests.test_reduction_plans import EncoderPrune, KeepUnits, check_plan
 from tests.test_vlm_omni import clip
-from tokenomy.reducers import Reducer, Selection, Site
+from tokenomy.reducers import Selection, Site
 
 
-class KeepVideoUnits(Reducer):
+class KeepVideoUnits(KeepUnits):
     """Keeps every third merged video unit (by its grid position, whatever order tokens come in) and every audio token."""
 
     name = "test-keep-video-units"
-
-    def __init__(self, site, layer=None):
-        super().__init__()
-        self.site, self.layer = site, layer
-
-    def encoder_layers(self, num_layers, feature_layer):
-        return (self.layer,)
 
     def select(self, image):
         audio = image.positions[:, 1] < 0

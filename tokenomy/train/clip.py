@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tokenomy.errors import InputError
 from tokenomy.eval import synthvqa
-from tokenomy.train.loop import _device, _one_thread_per_worker, _schedule
+from tokenomy.train.loop import _one_thread_per_worker, _schedule, open_run, trim_log
 from tokenomy.train.models import IMAGE_SIZE, PATCH_SIZE, train_tokenizer
 
 CAPTION_SEED = 17  # captions of train scene i are drawn from rng([CAPTION_SEED, seed, i])
@@ -228,13 +228,7 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
     """Train (or resume) ref-clip; returns the exported folder `out_dir/model` (CLIPModel, tokenizer, image processor)."""
     if config.vision_layers < 1 or config.width % 16:
         raise InputError(f"--vision-layers must be >= 1 and --width a multiple of 16, got {config.vision_layers}, {config.width}")
-    torch.set_num_threads(config.threads)
-    out = Path(config.out_dir)
-    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    if not resume and checkpoint_path.exists():
-        raise InputError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
-    device = _device(config)
-    out.mkdir(parents=True, exist_ok=True)
+    out, checkpoint_path, log_path, device = open_run(config, resume)
     tokenizer = caption_tokenizer(config, out)
     model, image_processor = build_clip(tokenizer, config)
     model.to(device)
@@ -251,8 +245,7 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
-    kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start] if log_path.exists() else []
-    log_path.write_text("".join(line + "\n" for line in kept))
+    trim_log(log_path, start)
 
     model.train()
     began = time.time()

@@ -143,10 +143,9 @@ def _save_checkpoint(path: Path, model, probe, optimizer, scheduler, step: int, 
     os.replace(temporary, path)  # a run killed while saving keeps the previous checkpoint intact
 
 
-def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) a reference model; returns the exported transformers folder `out_dir/model`."""
-    if config.arch not in ARCHES:
-        raise InputError(f"unknown architecture {config.arch!r}; choose one of {', '.join(ARCHES)}")
+def open_run(config, resume: bool) -> tuple:
+    """(run folder, checkpoint path, log path, device) of a training run, threads set; a run that exists is continued
+    only with --resume, never overwritten."""
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
@@ -154,6 +153,20 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         raise InputError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
     device = _device(config)
     out.mkdir(parents=True, exist_ok=True)
+    return out, checkpoint_path, log_path, device
+
+
+def trim_log(log_path: Path, start: int) -> None:
+    """The log keeps exactly the steps the weights have seen: lines written after the last checkpoint are dropped."""
+    kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start] if log_path.exists() else []
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) a reference model; returns the exported transformers folder `out_dir/model`."""
+    if config.arch not in ARCHES:
+        raise InputError(f"unknown architecture {config.arch!r}; choose one of {', '.join(ARCHES)}")
+    out, checkpoint_path, log_path, device = open_run(config, resume)
 
     dataset = JsonlConversations(config.data) if config.data else SynthVQATrain()
     tokenizer = _tokenizer(config, dataset, out)
@@ -183,9 +196,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
-    # The log keeps exactly the steps the weights have seen: lines written after the last checkpoint are dropped.
-    kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start] if log_path.exists() else []
-    log_path.write_text("".join(line + "\n" for line in kept))
+    trim_log(log_path, start)
 
     model.train()
     image_token_id = model.config.image_token_id
