@@ -125,7 +125,7 @@ def test_batches_reach_pipeline_whole_and_stop_strings_cut():
     from types import SimpleNamespace
 
     from tests.test_vis import bright_image
-    from tokenomy.eval.lmms_eval_model import TokenomyLMMS
+    from tokenomy.eval.lmms_eval_adapter import TokenomyLMMS
 
     model = TokenomyLMMS.create_from_arg_string("pretrained=tiny-llava,reducer=random,keep=4", {"batch_size": 3, "device": None})
     docs = [{"image": bright_image(56, 56, seed=seed), "question": f"Question {seed}?"} for seed in range(7)]

@@ -13,7 +13,7 @@ from tokenomy.eval import oracles, synthvqa
 from tokenomy.eval.data import ImageRef
 from tokenomy.eval.runner import EvalConfig, run_eval
 from tokenomy.eval.synthvqa import Scene, SceneObject
-from tokenomy.eval.synthvqa_task import SynthVQA
+from tokenomy.eval.tasks.synthvqa import SynthVQA
 from tokenomy.reducers import ImageTokens, available
 
 CELL = 8  # ref-llava's patch

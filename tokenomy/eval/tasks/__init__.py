@@ -8,7 +8,7 @@ from tokenomy.eval.tasks.mme import MME, MMELmmsEval
 from tokenomy.eval.tasks.multiple_choice import MMBench, MMBenchJudge, ScienceQAImg, SEEDBenchImage
 from tokenomy.eval.tasks.pope import POPE, POPEStrict
 from tokenomy.eval.tasks.videomme import VideoMME
-from tokenomy.eval.synthvqa_task import SynthVQA
+from tokenomy.eval.tasks.synthvqa import SynthVQA
 from tokenomy.eval.tasks.vqa import (TextVQA, TextVQANoOCR, TextVQAVQAEval, VizWiz, VizWizVQAEval, VQAJsonl, VQAv2,
                                      VQAv2VQAEval)
 
