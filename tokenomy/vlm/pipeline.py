@@ -29,7 +29,7 @@ class Generation:
     token_ids: list
     stats: dict = field(default_factory=dict)
     # Per image or video of the prompt, in stats order: a TokenView (tokenomy/vlm/views.py) of what its tokens became,
-    # for tokenomy.vis; None for a video. Kept out of `stats`, which stays JSON.
+    # for tokenomy.vis; None for a video or an audio. Kept out of `stats`, which stays JSON.
     views: list = field(default_factory=list)
 
 
