@@ -40,7 +40,7 @@ def draw_selection(generation, image=None, index: int = 0, dim: float = DIM) -> 
         raise InputError(f"index={index!r} names no image of this prompt; it has {len(views)} (0..{len(views) - 1})")
     view = views[index]
     if view is None:
-        raise InputError(f"item {index} of this prompt is a video; draw_selection draws images")
+        raise InputError(f"item {index} of this prompt is a video or an audio; draw_selection draws images")
     if not 0.0 <= dim <= 1.0:
         raise InputError(f"dim must be in [0, 1], got {dim!r}")
     picture = Image.fromarray(_drawn(view, dim))
