@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -74,25 +75,55 @@ def _init_clip_positions(model) -> None:
         table[1:] = sincos_2d(grid, table.shape[1])
 
 
-def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
-    """CLIP ViT (with CLS) + 2-layer MLP projector + Llama, exactly LlavaForConditionalGeneration."""
+def load_ref_clip_tower(folder):
+    """(vision model, image processor) of a ref-clip export (`tokenomy train-clip`'s OUT/model, a CLIPModel folder)."""
+    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    if not (Path(folder) / "config.json").is_file():
+        raise InputError(f"--vision-tower {folder}: not a transformers folder (no config.json); pass a ref-clip export, "
+                         f"the OUT/model folder of `tokenomy train-clip`")
+    try:
+        clip = CLIPModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--vision-tower {folder}: not a CLIPModel folder ({str(error).splitlines()[0]})") from error
+    # The tower is read with the preprocessing it was trained with.
+    return clip.vision_model, CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
+
+
+def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
+    """CLIP ViT (with CLS) + 2-layer MLP projector + Llama, exactly LlavaForConditionalGeneration.
+
+    With `vision_tower` (a ref-clip folder) it is the LLaVA-1.5 layout: that tower's config and weights, read at its
+    second-to-last layer; without, a 3-layer tower trained end to end with the model, read at its last layer."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    vision = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, **VISION_SIZE)
+    if vision_tower is None:
+        vision = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, **VISION_SIZE)
+        # The last ViT layer feeds the projector (-1): a layer -2 feature would leave the last layer untrained here.
+        feature_layer = -1
+        # The PIL processors are ~15x faster than the torchvision ones on small CPU images, and give the same pixels.
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+    else:
+        tower, image_processor = load_ref_clip_tower(vision_tower)
+        vision = tower.config.to_dict()
+        # LLaVA-1.5 reads the penultimate layer of its frozen CLIP tower: the last one is shaped by the contrastive
+        # objective through CLS alone.
+        feature_layer = -2
     tokens_per_image = (IMAGE_SIZE // PATCH_SIZE) ** 2
-    # The last ViT layer feeds the projector (-1): a layer -2 feature would leave the last layer untrained here.
     config = LlavaConfig(
         vision_config=vision, text_config=_text_config("llama", tokenizer, llm_layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=tokens_per_image,
-        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True, **_text_ids(tokenizer),
+        vision_feature_layer=feature_layer, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        tie_word_embeddings=True, **_text_ids(tokenizer),
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    _init_clip_positions(model)
-    # The PIL processors are ~15x faster than the torchvision ones on small CPU images, and give the same pixels.
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    if vision_tower is None:
+        _init_clip_positions(model)
+    else:
+        model.model.vision_tower.load_state_dict(tower.state_dict())
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
         chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1,
@@ -100,8 +131,10 @@ def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden
     return model, processor
 
 
-def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
+def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
     """Qwen2-VL: ViT without CLS, 2x2 patch merger into the LLM, M-RoPE; Qwen2VLForConditionalGeneration."""
+    if vision_tower is not None:
+        raise InputError("--vision-tower is implemented for --arch llava only (the Qwen2-VL recipe is not built yet)")
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
 
@@ -133,10 +166,10 @@ def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_
 BUILDERS = {"llava": build_llava, "qwen": build_qwen}
 
 
-def build(arch: str, tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
+def build(arch: str, tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
     if arch not in BUILDERS:
         raise UnknownNameError("reference architecture", arch, BUILDERS)
-    model, processor = BUILDERS[arch](tokenizer, seed, llm_layers)
+    model, processor = BUILDERS[arch](tokenizer, seed, llm_layers, vision_tower)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
