@@ -86,7 +86,7 @@ def _check(config: TrainConfig) -> None:
         raise InputError("--grow-from and --init-from both name a run to start from; pass one")
 
 
-def probe_weight(config: TrainConfig) -> float:
+def _probe_weight(config: TrainConfig) -> float:
     if config.probe_weight is not None:
         return config.probe_weight
     return 0.0 if config.vision_tower else 1.0
@@ -157,10 +157,11 @@ def _tokenizer(config: TrainConfig, dataset, out: Path):
         # The run keeps the source run's embeddings, so it keeps its tokenizer too.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(_source_checkpoint(config).parent / "tokenizer", local_files_only=True)
     else:
-        texts = dataset.texts(config.arch)
         if config.vision_tower and not config.data:
             # Both stages' text, so the pretrain run's tokenizer also covers the finetune run that starts from it.
             texts = CaptionConversations(config.seed).texts(config.arch) + SynthVQATrain().texts(config.arch)
+        else:
+            texts = dataset.texts(config.arch)
         tokenizer = train_tokenizer(texts, config.arch, config.vocab_size)
     tokenizer.save_pretrained(folder)
     return tokenizer
@@ -248,7 +249,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                              vision_tower=config.vision_tower)
     _freeze(model, config)
     model.to(device)
-    weight = probe_weight(config)
+    weight = _probe_weight(config)
     # Scenes are known only for synthvqa: the probe needs them (a user's vqa-jsonl trains on answers alone).
     probe = VisualTokenProbe(model) if not config.data and weight > 0 else None
     grid = probe_grid(model) if probe is not None else None
