@@ -37,11 +37,12 @@ def add_parser(subparsers):
     parser.add_argument("--workers", type=int, default=defaults.workers,
                         help="processes building the next batches while the model trains (use several on a GPU)")
     parser.add_argument("--vision-tower", default=None,
-                        help="the LLaVA-1.5 recipe (--arch llava): this ref-clip export (train-clip's OUT/model) is the "
-                             "frozen vision tower, read at its second-to-last layer; needs --stage")
+                        help="train-clip's OUT/model as the vision tower, with --stage: --arch llava (LLaVA-1.5 recipe) takes "
+                             "a --tower clip export, frozen, read at its second-to-last layer; --arch qwen (Qwen2-VL "
+                             "recipe) a --tower qwen export, trained on")
     parser.add_argument("--stage", choices=STAGES, default=None,
-                        help="with --vision-tower: pretrain trains the projector on captions, finetune the projector and "
-                             "LLM on the VQA turns")
+                        help="with --vision-tower: pretrain trains on captions with the LLM frozen, finetune trains the LLM "
+                             "too, on the VQA turns")
     parser.add_argument("--init-from", default=None,
                         help="start from this run folder's weights and tokenizer (same arch and sizes), e.g. the pretrain "
                              "run a finetune continues")
@@ -55,7 +56,7 @@ def add_parser(subparsers):
 
 
 def add_clip_parser(subparsers):
-    from tokenomy.train.clip import ClipConfig
+    from tokenomy.train.clip import TOWERS, ClipConfig
 
     defaults = ClipConfig(out_dir="")
     parser = subparsers.add_parser(
@@ -71,6 +72,9 @@ def add_clip_parser(subparsers):
         value = getattr(defaults, option)
         parser.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto (the GPU when there is one)")
+    parser.add_argument("--tower", choices=TOWERS, default=defaults.tower,
+                        help="clip: CLIP's ViT with CLS (ref-clip); qwen: a Qwen2-VL ViT with its 2x2 merger, for train-ref "
+                             "--arch qwen --vision-tower")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=100, help="test scenes of the retrieval score; 0 skips it")
     parser.set_defaults(func=run_clip)

@@ -3,12 +3,15 @@
     data (synthvqa stream or a vqa-jsonl folder) -> multi-turn conversations -> answer-only cross-entropy -> AdamW
     with warmup + cosine decay -> a resumable checkpoint every `save_every` steps -> a transformers folder at the end.
 
-With `vision_tower` (a ref-clip export) it is the LLaVA-1.5 recipe instead of end-to-end training: the tower is
-frozen (no gradient, eval mode, never in the optimizer) and read at its second-to-last layer; stage "pretrain" trains
-only the MLP projector on captions, stage "finetune" (usually `init_from` a pretrain run) the projector and the LLM on
-the VQA turns. Such runs have no probe by default: the probe exists because the end-to-end towers, trained from
-scratch, collapsed their tokens without it; a contrastively trained tower does not need it (`probe_weight` still
-turns it on, for the projector).
+With `vision_tower` (a contrastively pretrained tower, `tokenomy train-clip`'s export) it is the recipe real models
+are built with instead of end-to-end training. Stage "pretrain" trains on captions with the LLM frozen, stage
+"finetune" (usually `init_from` a pretrain run) trains the LLM too, on the VQA turns.
+- llava, the LLaVA-1.5 recipe: the ref-clip tower is frozen in both stages (no gradient, eval mode, never in the
+  optimizer) and read at its second-to-last layer; pretrain trains only the MLP projector.
+- qwen, the Qwen2-VL recipe: the ViT and its merger start from the tower and train in both stages (pretrain is
+  Qwen2-VL's stage 1: the vision side on image-text pairs, LLM frozen).
+Such runs have no probe by default: the probe exists because the end-to-end towers, trained from scratch, collapsed
+their tokens without it; a contrastively trained tower does not need it (`probe_weight` still turns it on).
 
 Batch `step` always holds conversations step*B .. step*B+B-1 of the data stream, so a resumed run continues the exact
 loss curve of an uninterrupted one, and worker processes (`workers`) that build batches ahead of the GPU build the same
@@ -60,9 +63,8 @@ class TrainConfig:
     # Processes that build the next batches (render, tokenise, collate) while the model trains on this one: on a GPU
     # the data, not the model, sets the pace. 0 builds them in the training process.
     workers: int = 0
-    # The LLaVA-1.5 recipe (--arch llava): a ref-clip export folder (`tokenomy train-clip`'s OUT/model) whose vision
-    # model becomes the frozen tower, and the stage, "pretrain" (projector on captions) or "finetune" (projector and
-    # LLM on the VQA turns).
+    # The recipe on a pretrained tower (see the module docstring): `tokenomy train-clip`'s OUT/model (--tower clip for
+    # llava, --tower qwen for qwen), and the stage, "pretrain" (captions, LLM frozen) or "finetune" (VQA turns).
     vision_tower: str | None = None
     stage: str | None = None
     # A run folder (or its checkpoint.pt) of the same architecture and sizes to start from: its weights and tokenizer
@@ -98,12 +100,16 @@ def _dataset(config: TrainConfig):
     return CaptionConversations(config.seed) if config.stage == "pretrain" else SynthVQATrain()
 
 
+def _frozen_tower(model, config: TrainConfig):
+    """The vision tower the LLaVA-1.5 recipe keeps frozen; None when the tower trains."""
+    return model.model.vision_tower if config.vision_tower and config.arch == "llava" else None
+
+
 def _freeze(model, config: TrainConfig) -> None:
-    """The recipe's frozen parts: the vision tower always, the LLM (its embeddings are the tied output head) in
-    stage 1."""
-    if config.vision_tower is None:
-        return
-    frozen = [model.model.vision_tower]
+    """The recipe's frozen parts: LLaVA's vision tower always, the LLM (its embeddings are the tied output head) in
+    the pretrain stage."""
+    tower = _frozen_tower(model, config)
+    frozen = [tower] if tower is not None else []
     if config.stage == "pretrain":
         frozen += [model.model.language_model, model.lm_head]
     for module in frozen:
@@ -112,13 +118,14 @@ def _freeze(model, config: TrainConfig) -> None:
 
 def _start_from(model, state: dict, config: TrainConfig) -> None:
     """Load an --init-from run's weights; on a frozen tower they must hold the very tower --vision-tower names."""
-    tower = {key: value.clone() for key, value in model.model.vision_tower.state_dict().items()} if config.vision_tower else {}
+    frozen = _frozen_tower(model, config)
+    tower = {key: value.clone() for key, value in frozen.state_dict().items()} if frozen is not None else {}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise InputError(f"--init-from {config.init_from}: {str(error).splitlines()[0]} (it must be the same --arch and "
                          f"sizes)") from error
-    loaded = model.model.vision_tower.state_dict() if tower else {}
+    loaded = frozen.state_dict() if frozen is not None else {}
     if any(not torch.equal(loaded[key], value) for key, value in tower.items()):
         raise InputError(f"--init-from {config.init_from} holds another vision tower than --vision-tower {config.vision_tower}")
 
@@ -282,8 +289,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     trim_log(log_path, start)
 
     model.train()
-    if config.vision_tower:
-        model.model.vision_tower.eval()
+    frozen_tower = _frozen_tower(model, config)
+    if frozen_tower is not None:
+        frozen_tower.eval()
     image_token_id = model.config.image_token_id
     began = time.time()
     batches = torch.utils.data.DataLoader(

@@ -6,6 +6,7 @@ took four on the CPU and eight more minutes on a GPU (docs/reference-models.md h
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -75,19 +76,38 @@ def _init_clip_positions(model) -> None:
         table[1:] = sincos_2d(grid, table.shape[1])
 
 
+def _check_tower_folder(folder, model_type: str, tower: str) -> None:
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise InputError(f"--vision-tower {folder}: not a transformers folder (no config.json); pass the OUT/model "
+                         f"folder of `tokenomy train-clip --tower {tower}`")
+    found = json.loads(config.read_text()).get("model_type")
+    if found != model_type:
+        raise InputError(f"--vision-tower {folder} holds a {found!r} model; this architecture takes the export of "
+                         f"`tokenomy train-clip --tower {tower}` ({model_type!r})")
+
+
 def load_ref_clip_tower(folder):
     """(vision model, image processor) of a ref-clip export (`tokenomy train-clip`'s OUT/model, a CLIPModel folder)."""
     from transformers import CLIPImageProcessorPil, CLIPModel
 
-    if not (Path(folder) / "config.json").is_file():
-        raise InputError(f"--vision-tower {folder}: not a transformers folder (no config.json); pass a ref-clip export, "
-                         f"the OUT/model folder of `tokenomy train-clip`")
-    try:
-        clip = CLIPModel.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise InputError(f"--vision-tower {folder}: not a CLIPModel folder ({str(error).splitlines()[0]})") from error
+    _check_tower_folder(folder, "clip", "clip")
+    clip = CLIPModel.from_pretrained(folder, local_files_only=True)
     # The tower is read with the preprocessing it was trained with.
     return clip.vision_model, CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
+
+
+def load_qwen_tower(folder):
+    """(ViT, image processor) of `tokenomy train-clip --tower qwen`'s export: a Qwen2-VL ViT with its merger."""
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    _check_tower_folder(folder, "qwen2_vl_vision", "qwen")
+    tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(folder, local_files_only=True)
+    if tower.config.hidden_size != LLM_SIZE["hidden_size"]:
+        raise InputError(f"--vision-tower {folder}: its merger writes {tower.config.hidden_size}-wide tokens, the LLM "
+                         f"reads {LLM_SIZE['hidden_size']}")
+    return tower, Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True)
 
 
 def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
@@ -132,9 +152,10 @@ def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden
 
 
 def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
-    """Qwen2-VL: ViT without CLS, 2x2 patch merger into the LLM, M-RoPE; Qwen2VLForConditionalGeneration."""
-    if vision_tower is not None:
-        raise InputError("--vision-tower is implemented for --arch llava only (the Qwen2-VL recipe is not built yet)")
+    """Qwen2-VL: ViT without CLS, 2x2 patch merger into the LLM, M-RoPE; Qwen2VLForConditionalGeneration.
+
+    With `vision_tower` (`train-clip --tower qwen`'s export) the ViT and merger start from that contrastively
+    trained tower, the Qwen2-VL recipe; without, from random weights."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
 
@@ -142,12 +163,17 @@ def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_
     # M-RoPE splits the rotary half-dimension between (t, h, w) in Qwen2-VL's 1:1.5:1.5 proportion.
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}
     convert = tokenizer.convert_tokens_to_ids
+    if vision_tower is None:
+        vision = dict(depth=VISION_SIZE["num_hidden_layers"], embed_dim=VISION_SIZE["hidden_size"],
+                      hidden_size=LLM_SIZE["hidden_size"], num_heads=VISION_SIZE["num_attention_heads"],
+                      mlp_ratio=VISION_SIZE["intermediate_size"] // VISION_SIZE["hidden_size"], patch_size=PATCH_SIZE,
+                      spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+    else:
+        tower, tower_processor = load_qwen_tower(vision_tower)
+        vision = tower.config.to_dict()
     config = Qwen2VLConfig(
         text_config=_text_config("qwen2_vl_text", tokenizer, llm_layers, rope_parameters=rope),
-        vision_config=dict(depth=VISION_SIZE["num_hidden_layers"], embed_dim=VISION_SIZE["hidden_size"],
-                           hidden_size=LLM_SIZE["hidden_size"], num_heads=VISION_SIZE["num_attention_heads"],
-                           mlp_ratio=VISION_SIZE["intermediate_size"] // VISION_SIZE["hidden_size"], patch_size=PATCH_SIZE,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        vision_config=vision,
         image_token_id=convert("<|image_pad|>"), video_token_id=convert("<|video_pad|>"),
         vision_start_token_id=convert("<|vision_start|>"), vision_end_token_id=convert("<|vision_end|>"),
         tie_word_embeddings=True, **_text_ids(tokenizer),
@@ -156,8 +182,12 @@ def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_
     model = Qwen2VLForConditionalGeneration(config)
     size = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
     common = dict(size=size, patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2)
+    if vision_tower is not None:
+        model.model.visual.load_state_dict(tower.state_dict())
+    # A pretrained tower is read with the preprocessing it was trained with.
+    image_processor = tower_processor if vision_tower is not None else Qwen2VLImageProcessorPil(**common)
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(**common), video_processor=Qwen2VLVideoProcessor(**common),
+        image_processor=image_processor, video_processor=Qwen2VLVideoProcessor(**common),
         tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
