@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from tokenomy.errors import InputError
 from tokenomy.train.data import IGNORE, CaptionConversations, JsonlConversations, SynthVQATrain, collate, encode
-from tokenomy.train.models import ARCHES, LLM_SIZE, build, grow_llm, train_tokenizer
+from tokenomy.train.models import ARCHES, LLM_SIZE, build, check_vision_tower, grow_llm, train_tokenizer
 from tokenomy.train.probe import VisualTokenProbe, probe_grid
 
 
@@ -86,6 +86,8 @@ def _check(config: TrainConfig) -> None:
         raise InputError("--stage pretrain trains on synthvqa captions; --data is for --stage finetune")
     if config.grow_from and config.init_from:
         raise InputError("--grow-from and --init-from both name a run to start from; pass one")
+    if config.vision_tower is not None:
+        check_vision_tower(config.arch, config.vision_tower)
 
 
 def _probe_weight(config: TrainConfig) -> float:

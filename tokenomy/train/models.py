@@ -76,7 +76,13 @@ def _init_clip_positions(model) -> None:
         table[1:] = sincos_2d(grid, table.shape[1])
 
 
-def _check_tower_folder(folder, model_type: str, tower: str) -> None:
+# arch -> (model_type of the tower folder it takes, the `train-clip --tower` that writes one)
+TOWER_TYPES = {"llava": ("clip", "clip"), "qwen": ("qwen2_vl_vision", "qwen")}
+
+
+def check_vision_tower(arch: str, folder) -> None:
+    """Refuse a --vision-tower folder that is not the kind of tower export `arch` takes, before anything is trained."""
+    model_type, tower = TOWER_TYPES[arch]
     config = Path(folder) / "config.json"
     if not config.is_file():
         raise InputError(f"--vision-tower {folder}: not a transformers folder (no config.json); pass the OUT/model "
@@ -91,7 +97,7 @@ def load_ref_clip_tower(folder):
     """(vision model, image processor) of a ref-clip export (`tokenomy train-clip`'s OUT/model, a CLIPModel folder)."""
     from transformers import CLIPImageProcessorPil, CLIPModel
 
-    _check_tower_folder(folder, "clip", "clip")
+    check_vision_tower("llava", folder)
     clip = CLIPModel.from_pretrained(folder, local_files_only=True)
     # The tower is read with the preprocessing it was trained with.
     return clip.vision_model, CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
@@ -102,7 +108,7 @@ def load_qwen_tower(folder):
     from transformers import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    _check_tower_folder(folder, "qwen2_vl_vision", "qwen")
+    check_vision_tower("qwen", folder)
     tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(folder, local_files_only=True)
     if tower.config.hidden_size != LLM_SIZE["hidden_size"]:
         raise InputError(f"--vision-tower {folder}: its merger writes {tower.config.hidden_size}-wide tokens, the LLM "
