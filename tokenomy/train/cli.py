@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
-    from tokenomy.train.loop import TrainConfig
+    from tokenomy.train.loop import STAGES, TrainConfig
     from tokenomy.train.models import ARCHES
 
     defaults = TrainConfig(arch="llava", out_dir="")
@@ -36,6 +36,18 @@ def add_parser(subparsers):
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto (the GPU when there is one)")
     parser.add_argument("--workers", type=int, default=defaults.workers,
                         help="processes building the next batches while the model trains (use several on a GPU)")
+    parser.add_argument("--vision-tower", default=None,
+                        help="train-clip's OUT/model as the vision tower, with --stage: --arch llava (LLaVA-1.5 recipe) takes "
+                             "a --tower clip export, frozen, read at its second-to-last layer; --arch qwen (Qwen2-VL "
+                             "recipe) a --tower qwen export, trained on")
+    parser.add_argument("--stage", choices=STAGES, default=None,
+                        help="with --vision-tower: pretrain trains on captions with the LLM frozen, finetune trains the LLM "
+                             "too, on the VQA turns")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this run folder's weights and tokenizer (same arch and sizes), e.g. the pretrain "
+                             "run a finetune continues")
+    parser.add_argument("--probe-weight", type=float, default=None,
+                        help="visual-token probe loss weight (synthvqa); default 1 end to end, 0 on a frozen tower")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=50,
                         help="after training on synthvqa, score this many val scenes (7 questions each); 0 skips")
@@ -44,7 +56,7 @@ def add_parser(subparsers):
 
 
 def add_clip_parser(subparsers):
-    from tokenomy.train.clip import ClipConfig
+    from tokenomy.train.clip import TOWERS, ClipConfig
 
     defaults = ClipConfig(out_dir="")
     parser = subparsers.add_parser(
@@ -60,6 +72,9 @@ def add_clip_parser(subparsers):
         value = getattr(defaults, option)
         parser.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto (the GPU when there is one)")
+    parser.add_argument("--tower", choices=TOWERS, default=defaults.tower,
+                        help="clip: CLIP's ViT with CLS (ref-clip); qwen: a Qwen2-VL ViT with its 2x2 merger, for train-ref "
+                             "--arch qwen --vision-tower")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=100, help="test scenes of the retrieval score; 0 skips it")
     parser.set_defaults(func=run_clip)
@@ -86,10 +101,11 @@ def run(args):
         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, save_every=args.save_every, threads=args.threads,
         vision_steps=args.vision_steps, llm_layers=args.llm_layers, grow_from=args.grow_from,
         seed=args.seed, vocab_size=args.vocab_size, device=args.device, workers=args.workers,
+        vision_tower=args.vision_tower, stage=args.stage, init_from=args.init_from, probe_weight=args.probe_weight,
     )
     folder = train(config, resume=args.resume)
     print(f"model written to {folder}")
-    if args.data is None and args.eval_scenes > 0:
+    if args.data is None and args.eval_scenes > 0 and args.stage != "pretrain":  # stage 1 answers with captions
         from tokenomy.eval import synthvqa
         from tokenomy.eval.synthvqa_eval import evaluate
         from tokenomy.vlm.pipeline import load

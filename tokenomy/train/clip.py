@@ -11,6 +11,11 @@ local safetensors folder, and its `vision_model` is the very CLIPVisionTransform
 embeds, so the new ref-llava can take the tower's weights as they are. Its loss (`return_loss=True`) is CLIP's
 symmetric cross-entropy over the image-caption similarity matrix with a learned temperature, what open_clip's ClipLoss
 computes on one process.
+
+`tower="qwen"` trains a Qwen2-VL ViT (no CLS, 2x2 patch merger) in CLIP's place, for the Qwen2-VL recipe: its image
+embedding is the mean of the merged tokens, the very tokens a Qwen2-VL LLM reads, projected like CLIP's; the export
+is that ViT alone (a transformers `Qwen2VisionTransformerPretrainedModel` folder), which `tokenomy train-ref --arch
+qwen --vision-tower` starts from.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from tqdm import tqdm
 from tokenomy.errors import InputError
 from tokenomy.eval import synthvqa
 from tokenomy.train.loop import _one_thread_per_worker, _schedule, open_run, trim_log
-from tokenomy.train.models import IMAGE_SIZE, PATCH_SIZE, train_tokenizer
+from tokenomy.train.models import IMAGE_SIZE, LLM_SIZE, PATCH_SIZE, train_tokenizer
 
 CAPTION_SEED = 17  # captions of train scene i are drawn from rng([CAPTION_SEED, seed, i])
 MAX_CAPTION_TOKENS = 48
@@ -55,6 +60,10 @@ class ClipConfig:
     # Processes rendering and preprocessing the next batches: a 64-scene batch takes about 2 s on one core here, more
     # than a step of this model on a GPU. 0 builds them in the training process.
     workers: int = 0
+    tower: str = "clip"  # one of TOWERS: CLIP's ViT with CLS, or Qwen2-VL's ViT with its merger
+
+
+TOWERS = ("clip", "qwen")
 
 
 # ---- captions ------------------------------------------------------------------------------------------------------
@@ -136,21 +145,76 @@ def train_pair(index: int, seed: int) -> tuple:
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
+class QwenTowerClip(torch.nn.Module):
+    """CLIP's two towers and loss with a Qwen2-VL ViT as the image tower. It has no CLS token, so the image embedding
+    is the mean of its merged tokens (what the LLM reads), projected like CLIP's; the text side is CLIP's."""
+
+    def __init__(self, vision_config, text_config, projection_dim: int):
+        from transformers import CLIPTextModel
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        super().__init__()
+        self.visual = Qwen2VisionTransformerPretrainedModel(vision_config)
+        self.text_model = CLIPTextModel(text_config)
+        self.visual_projection = torch.nn.Linear(vision_config.hidden_size, projection_dim, bias=False)
+        self.text_projection = torch.nn.Linear(text_config.hidden_size, projection_dim, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def get_image_features(self, pixel_values, image_grid_thw):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        merged = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
+        per_image = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+        pooled = torch.stack([tokens.mean(0) for tokens in merged.split(per_image)])
+        return BaseModelOutputWithPooling(pooler_output=self.visual_projection(pooled))
+
+    def get_text_features(self, input_ids, attention_mask):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        text = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return BaseModelOutputWithPooling(pooler_output=self.text_projection(text))
+
+    def forward(self, pixel_values, image_grid_thw, input_ids, attention_mask, return_loss: bool = True):
+        from transformers.models.clip.modeling_clip import CLIPOutput, image_text_contrastive_loss
+
+        normalize = torch.nn.functional.normalize
+        images = normalize(self.get_image_features(pixel_values, image_grid_thw).pooler_output, dim=-1)
+        texts = normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
+        logits_per_text = self.logit_scale.exp() * texts @ images.T
+        return CLIPOutput(loss=image_text_contrastive_loss(logits_per_text) if return_loss else None,
+                          logits_per_text=logits_per_text, logits_per_image=logits_per_text.T)
+
+
 def build_clip(tokenizer, config: ClipConfig):
-    """transformers' CLIPModel: a ViT with CLS on 128 px in 8 px patches, a small text transformer, 64-d embeddings."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    """transformers' CLIPModel: a ViT with CLS on 128 px in 8 px patches, a small text transformer, 64-d embeddings;
+    with `tower="qwen"`, a QwenTowerClip whose ViT is sized like ref-qwen's (merged tokens as wide as its LLM)."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTextConfig, Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
     heads = max(1, config.width // 16)
-    vision = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=config.width, intermediate_size=2 * config.width,
-                  num_hidden_layers=config.vision_layers, num_attention_heads=heads)
     text = dict(vocab_size=len(tokenizer), hidden_size=config.width, intermediate_size=2 * config.width,
                 num_hidden_layers=config.text_layers, num_attention_heads=heads, max_position_embeddings=MAX_CAPTION_TOKENS,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id)  # the text embedding is read at the first end token
     torch.manual_seed(config.seed)
+    if config.tower == "qwen":
+        vision = Qwen2VLVisionConfig(depth=config.vision_layers, embed_dim=config.width, hidden_size=LLM_SIZE["hidden_size"],
+                                     num_heads=heads, mlp_ratio=2, patch_size=PATCH_SIZE, spatial_merge_size=2,
+                                     temporal_patch_size=2, in_chans=3)
+        model = QwenTowerClip(vision, CLIPTextConfig(**text), config.width)
+        size = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
+        return model, Qwen2VLImageProcessorPil(size=size, patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2)
+    vision = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=config.width, intermediate_size=2 * config.width,
+                  num_hidden_layers=config.vision_layers, num_attention_heads=heads)
     model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=config.width))
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return model, image_processor
+
+
+def encode_images(image_processor, images: list) -> dict:
+    """pixel_values, and image_grid_thw for the Qwen2-VL tower."""
+    encoded = image_processor(images, return_tensors="pt")
+    return {key: encoded[key] for key in ("pixel_values", "image_grid_thw") if key in encoded}
 
 
 def caption_tokenizer(config: ClipConfig, out: Path):
@@ -187,8 +251,7 @@ def encode_captions(tokenizer, texts: list) -> dict:
 def batch(step: int, config: ClipConfig, tokenizer, image_processor) -> dict:
     """Batch `step` holds train scenes step*B .. step*B+B-1, so a resumed run continues the same loss curve."""
     pairs = [train_pair(step * config.batch_size + i, config.seed) for i in range(config.batch_size)]
-    pixels = image_processor([image for image, _ in pairs], return_tensors="pt")["pixel_values"]
-    return dict(pixel_values=pixels, **encode_captions(tokenizer, [text for _, text in pairs]))
+    return dict(**encode_images(image_processor, [image for image, _ in pairs]), **encode_captions(tokenizer, [text for _, text in pairs]))
 
 
 class Batches(torch.utils.data.Dataset):
@@ -212,9 +275,9 @@ def retrieval(model, tokenizer, image_processor, scenes: int = 100, split: str =
     model.eval()
     described = [synthvqa.make_scene(split, i) for i in range(scenes)]
     device = next(model.parameters()).device
-    pixels = image_processor([synthvqa.render(s) for s in described], return_tensors="pt")["pixel_values"].to(device)
+    pixels = {k: v.to(device) for k, v in encode_images(image_processor, [synthvqa.render(s) for s in described]).items()}
     texts = {k: v.to(device) for k, v in encode_captions(tokenizer, [full_caption(s) for s in described]).items()}
-    images = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    images = torch.nn.functional.normalize(model.get_image_features(**pixels).pooler_output, dim=-1)
     captions = torch.nn.functional.normalize(model.get_text_features(**texts).pooler_output, dim=-1)
     similarity = images @ captions.T
     target = torch.arange(scenes, device=device)
@@ -226,6 +289,8 @@ def retrieval(model, tokenizer, image_processor, scenes: int = 100, split: str =
 # ---- the loop ------------------------------------------------------------------------------------------------------
 def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100) -> Path:
     """Train (or resume) ref-clip; returns the exported folder `out_dir/model` (CLIPModel, tokenizer, image processor)."""
+    if config.tower not in TOWERS:
+        raise InputError(f"--tower {config.tower!r}: choose one of {', '.join(TOWERS)}")
     if config.vision_layers < 1 or config.width % 16:
         raise InputError(f"--vision-layers must be >= 1 and --width a multiple of 16, got {config.vision_layers}, {config.width}")
     out, checkpoint_path, log_path, device = open_run(config, resume)
@@ -275,7 +340,8 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
                 checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # a kill while saving keeps the last one
     folder = out / "model"
     model.eval().to("cpu")
-    model.save_pretrained(folder)
+    # The Qwen2-VL tower is exported alone: the LLM reads the ViT; the text side lives on in checkpoint.pt.
+    (model.visual if config.tower == "qwen" else model).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
     if eval_scenes:

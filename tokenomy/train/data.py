@@ -114,6 +114,29 @@ class SynthVQATrain:
         return [conversation_text(arch, Conversation(None, self._turns(i, synthvqa.make_scene("train", i)))) for i in range(limit)]
 
 
+class CaptionConversations:
+    """Stage 1 of the LLaVA-1.5 recipe on synthvqa: conversation i is train scene i with one turn, "Describe the
+    image." -> a caption written by ref-clip's caption writer (tokenomy.train.clip), seeded by (seed, i)."""
+
+    prompt = "Describe the image."
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def _turns(self, index: int, scene):
+        from tokenomy.train import clip  # imported here: clip imports the loop, which imports this module
+
+        return [(self.prompt, clip.caption(scene, np.random.default_rng([clip.CAPTION_SEED, self.seed, index])))]
+
+    def __getitem__(self, index: int) -> Conversation:
+        scene = synthvqa.make_scene("train", index)
+        return Conversation(synthvqa.render(scene), self._turns(index, scene), scene)
+
+    def texts(self, arch: str, limit: int = 2000):
+        """Chat text of the first `limit` conversations, to train the tokenizer on (no images rendered)."""
+        return [conversation_text(arch, Conversation(None, self._turns(i, synthvqa.make_scene("train", i)))) for i in range(limit)]
+
+
 class JsonlConversations:
     """A user's vqa-jsonl folder ({id, image, question, answers} per line in *.jsonl, image paths relative to the
     folder): questions on the same image become turns of one conversation; the first listed answer is the target."""

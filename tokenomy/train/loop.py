@@ -3,6 +3,16 @@
     data (synthvqa stream or a vqa-jsonl folder) -> multi-turn conversations -> answer-only cross-entropy -> AdamW
     with warmup + cosine decay -> a resumable checkpoint every `save_every` steps -> a transformers folder at the end.
 
+With `vision_tower` (a contrastively pretrained tower, `tokenomy train-clip`'s export) it is the recipe real models
+are built with instead of end-to-end training. Stage "pretrain" trains on captions with the LLM frozen, stage
+"finetune" (usually `init_from` a pretrain run) trains the LLM too, on the VQA turns.
+- llava, the LLaVA-1.5 recipe: the ref-clip tower is frozen in both stages (no gradient, eval mode, never in the
+  optimizer) and read at its second-to-last layer; pretrain trains only the MLP projector.
+- qwen, the Qwen2-VL recipe: the ViT and its merger start from the tower and train in both stages (pretrain is
+  Qwen2-VL's stage 1: the vision side on image-text pairs, LLM frozen).
+Such runs have no probe by default: the probe exists because the end-to-end towers, trained from scratch, collapsed
+their tokens without it; a contrastively trained tower does not need it (`probe_weight` still turns it on).
+
 Batch `step` always holds conversations step*B .. step*B+B-1 of the data stream, so a resumed run continues the exact
 loss curve of an uninterrupted one, and worker processes (`workers`) that build batches ahead of the GPU build the same
 batches.
@@ -20,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from tokenomy.errors import InputError
-from tokenomy.train.data import IGNORE, JsonlConversations, SynthVQATrain, collate, encode
-from tokenomy.train.models import ARCHES, LLM_SIZE, build, grow_llm, train_tokenizer
+from tokenomy.train.data import IGNORE, CaptionConversations, JsonlConversations, SynthVQATrain, collate, encode
+from tokenomy.train.models import ARCHES, LLM_SIZE, build, check_vision_tower, grow_llm, train_tokenizer
 from tokenomy.train.probe import VisualTokenProbe, probe_grid
 
 
@@ -38,7 +48,9 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     vocab_size: int = 512
-    probe_weight: float = 1.0  # visual-token probe loss (synthvqa only; see tokenomy.train.probe); 0 turns it off
+    # Visual-token probe loss (synthvqa only; see tokenomy.train.probe); 0 turns it off. None: 1.0 for the end-to-end
+    # models, 0 on a frozen vision tower.
+    probe_weight: float | None = None
     # The first `vision_steps` of `steps` train the vision tower and projector through the probe alone (synthvqa
     # only): a step without the LLM costs about half (measured on ref-llava), and the LLM learns nothing from the image until the
     # tokens tell shapes and words apart.
@@ -51,6 +63,73 @@ class TrainConfig:
     # Processes that build the next batches (render, tokenise, collate) while the model trains on this one: on a GPU
     # the data, not the model, sets the pace. 0 builds them in the training process.
     workers: int = 0
+    # The recipe on a pretrained tower (see the module docstring): `tokenomy train-clip`'s OUT/model (--tower clip for
+    # llava, --tower qwen for qwen), and the stage, "pretrain" (captions, LLM frozen) or "finetune" (VQA turns).
+    vision_tower: str | None = None
+    stage: str | None = None
+    # A run folder (or its checkpoint.pt) of the same architecture and sizes to start from: its weights and tokenizer
+    # (fresh optimizer and schedule), e.g. the pretrain run a finetune starts from.
+    init_from: str | None = None
+
+
+STAGES = ("pretrain", "finetune")
+
+
+def _check(config: TrainConfig) -> None:
+    if config.arch not in ARCHES:
+        raise InputError(f"unknown architecture {config.arch!r}; choose one of {', '.join(ARCHES)}")
+    if config.vision_tower is None and config.stage is not None:
+        raise InputError(f"--stage {config.stage} is a stage of the recipe on a frozen tower: it needs --vision-tower")
+    if config.vision_tower is not None and config.stage not in STAGES:
+        raise InputError(f"--vision-tower needs --stage, one of {', '.join(STAGES)}; got {config.stage!r}")
+    if config.stage == "pretrain" and config.data:
+        raise InputError("--stage pretrain trains on synthvqa captions; --data is for --stage finetune")
+    if config.grow_from and config.init_from:
+        raise InputError("--grow-from and --init-from both name a run to start from; pass one")
+    if config.vision_tower is not None:
+        check_vision_tower(config.arch, config.vision_tower)
+
+
+def _probe_weight(config: TrainConfig) -> float:
+    if config.probe_weight is not None:
+        return config.probe_weight
+    return 0.0 if config.vision_tower else 1.0
+
+
+def _dataset(config: TrainConfig):
+    if config.data:
+        return JsonlConversations(config.data)
+    return CaptionConversations(config.seed) if config.stage == "pretrain" else SynthVQATrain()
+
+
+def _frozen_tower(model, config: TrainConfig):
+    """The vision tower the LLaVA-1.5 recipe keeps frozen; None when the tower trains."""
+    return model.model.vision_tower if config.vision_tower and config.arch == "llava" else None
+
+
+def _freeze(model, config: TrainConfig) -> None:
+    """The recipe's frozen parts: LLaVA's vision tower always, the LLM (its embeddings are the tied output head) in
+    the pretrain stage."""
+    tower = _frozen_tower(model, config)
+    frozen = [tower] if tower is not None else []
+    if config.stage == "pretrain":
+        frozen += [model.model.language_model, model.lm_head]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
+def _start_from(model, state: dict, config: TrainConfig) -> None:
+    """Load an --init-from run's weights; on a frozen tower they must hold the very tower --vision-tower names."""
+    frozen = _frozen_tower(model, config)
+    tower = {key: value.clone() for key, value in frozen.state_dict().items()} if frozen is not None else {}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise InputError(f"--init-from {config.init_from}: {str(error).splitlines()[0]} (it must be the same --arch and "
+                         f"sizes)") from error
+    loaded = frozen.state_dict() if frozen is not None else {}
+    if any(not torch.equal(loaded[key], value) for key, value in tower.items()):
+        raise InputError(f"--init-from {config.init_from} holds another vision tower than --vision-tower {config.vision_tower}")
 
 
 def answer_loss(model, batch) -> torch.Tensor:
@@ -83,20 +162,26 @@ def _tokenizer(config: TrainConfig, dataset, out: Path):
     folder = out / "tokenizer"
     if (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
-    if config.grow_from:
-        # The grown model keeps the shallow one's embeddings, so it keeps its tokenizer too.
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(_grow_source(config).parent / "tokenizer", local_files_only=True)
+    if config.grow_from or config.init_from:
+        # The run keeps the source run's embeddings, so it keeps its tokenizer too.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(_source_checkpoint(config).parent / "tokenizer", local_files_only=True)
     else:
-        tokenizer = train_tokenizer(dataset.texts(config.arch), config.arch, config.vocab_size)
+        if config.vision_tower and not config.data:
+            # Both stages' text, so the pretrain run's tokenizer also covers the finetune run that starts from it.
+            texts = CaptionConversations(config.seed).texts(config.arch) + SynthVQATrain().texts(config.arch)
+        else:
+            texts = dataset.texts(config.arch)
+        tokenizer = train_tokenizer(texts, config.arch, config.vocab_size)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
-def _grow_source(config: TrainConfig) -> Path:
-    path = Path(config.grow_from)
+def _source_checkpoint(config: TrainConfig) -> Path:
+    option, source = ("--grow-from", config.grow_from) if config.grow_from else ("--init-from", config.init_from)
+    path = Path(source)
     path = path / "checkpoint.pt" if path.is_dir() else path
     if not path.is_file():
-        raise InputError(f"--grow-from {config.grow_from}: no checkpoint.pt there")
+        raise InputError(f"{option} {source}: no checkpoint.pt there")
     return path
 
 
@@ -164,30 +249,37 @@ def trim_log(log_path: Path, start: int) -> None:
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train (or resume) a reference model; returns the exported transformers folder `out_dir/model`."""
-    if config.arch not in ARCHES:
-        raise InputError(f"unknown architecture {config.arch!r}; choose one of {', '.join(ARCHES)}")
+    _check(config)
     out, checkpoint_path, log_path, device = open_run(config, resume)
 
-    dataset = JsonlConversations(config.data) if config.data else SynthVQATrain()
+    dataset = _dataset(config)
     tokenizer = _tokenizer(config, dataset, out)
-    model, processor = build(config.arch, tokenizer, seed=config.seed, llm_layers=config.llm_layers)
+    model, processor = build(config.arch, tokenizer, seed=config.seed, llm_layers=config.llm_layers,
+                             vision_tower=config.vision_tower)
+    _freeze(model, config)
     model.to(device)
+    weight = _probe_weight(config)
     # Scenes are known only for synthvqa: the probe needs them (a user's vqa-jsonl trains on answers alone).
-    probe = VisualTokenProbe(model) if isinstance(dataset, SynthVQATrain) and config.probe_weight > 0 else None
+    probe = VisualTokenProbe(model) if not config.data and weight > 0 else None
     grid = probe_grid(model) if probe is not None else None
     if probe is not None:
         probe.to(device)
     if config.vision_steps and probe is None:
         raise InputError("vision_steps needs the probe: it is for synthvqa training with probe_weight > 0")
-    parameters = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    parameters = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe is not None else [])
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0
     if config.grow_from and not (resume and checkpoint_path.exists()):
-        shallow = torch.load(_grow_source(config), map_location=device, weights_only=True)
+        shallow = torch.load(_source_checkpoint(config), map_location=device, weights_only=True)
         grow_llm(model, shallow["model"])
         if probe is not None and "probe" in shallow:
             probe.load_state_dict(shallow["probe"])
+    if config.init_from and not (resume and checkpoint_path.exists()):
+        source = torch.load(_source_checkpoint(config), map_location=device, weights_only=True)
+        _start_from(model, source["model"], config)
+        if probe is not None and "probe" in source:
+            probe.load_state_dict(source["probe"])
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -199,6 +291,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     trim_log(log_path, start)
 
     model.train()
+    frozen_tower = _frozen_tower(model, config)
+    if frozen_tower is not None:
+        frozen_tower.eval()
     image_token_id = model.config.image_token_id
     began = time.time()
     batches = torch.utils.data.DataLoader(
@@ -216,7 +311,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 loss = answer_loss(model, batch)
             probe_loss = probe.loss(batch["cell_labels"]) if probe is not None else torch.zeros((), device=device)
             optimizer.zero_grad(set_to_none=True)
-            (loss + config.probe_weight * probe_loss).backward()
+            (loss + weight * probe_loss).backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             scheduler.step()

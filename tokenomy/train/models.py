@@ -6,8 +6,10 @@ took four on the CPU and eight more minutes on a GPU (docs/reference-models.md h
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -74,25 +76,80 @@ def _init_clip_positions(model) -> None:
         table[1:] = sincos_2d(grid, table.shape[1])
 
 
-def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
-    """CLIP ViT (with CLS) + 2-layer MLP projector + Llama, exactly LlavaForConditionalGeneration."""
+# arch -> (model_type of the tower folder it takes, the `train-clip --tower` that writes one)
+TOWER_TYPES = {"llava": ("clip", "clip"), "qwen": ("qwen2_vl_vision", "qwen")}
+
+
+def check_vision_tower(arch: str, folder) -> None:
+    """Refuse a --vision-tower folder that is not the kind of tower export `arch` takes, before anything is trained."""
+    model_type, tower = TOWER_TYPES[arch]
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise InputError(f"--vision-tower {folder}: not a transformers folder (no config.json); pass the OUT/model "
+                         f"folder of `tokenomy train-clip --tower {tower}`")
+    found = json.loads(config.read_text()).get("model_type")
+    if found != model_type:
+        raise InputError(f"--vision-tower {folder} holds a {found!r} model; this architecture takes the export of "
+                         f"`tokenomy train-clip --tower {tower}` ({model_type!r})")
+
+
+def load_ref_clip_tower(folder):
+    """(vision model, image processor) of a ref-clip export (`tokenomy train-clip`'s OUT/model, a CLIPModel folder)."""
+    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    check_vision_tower("llava", folder)
+    clip = CLIPModel.from_pretrained(folder, local_files_only=True)
+    # The tower is read with the preprocessing it was trained with.
+    return clip.vision_model, CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
+
+
+def load_qwen_tower(folder):
+    """(ViT, image processor) of `tokenomy train-clip --tower qwen`'s export: a Qwen2-VL ViT with its merger."""
+    from transformers import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    check_vision_tower("qwen", folder)
+    tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(folder, local_files_only=True)
+    if tower.config.hidden_size != LLM_SIZE["hidden_size"]:
+        raise InputError(f"--vision-tower {folder}: its merger writes {tower.config.hidden_size}-wide tokens, the LLM "
+                         f"reads {LLM_SIZE['hidden_size']}")
+    return tower, Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True)
+
+
+def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
+    """CLIP ViT (with CLS) + 2-layer MLP projector + Llama, exactly LlavaForConditionalGeneration.
+
+    With `vision_tower` (a ref-clip folder) it is the LLaVA-1.5 layout: that tower's config and weights, read at its
+    second-to-last layer; without, a 3-layer tower trained end to end with the model, read at its last layer."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    vision = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, **VISION_SIZE)
+    if vision_tower is None:
+        vision = dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, **VISION_SIZE)
+        # The last ViT layer feeds the projector (-1): a layer -2 feature would leave the last layer untrained here.
+        feature_layer = -1
+        # The PIL processors are ~15x faster than the torchvision ones on small CPU images, and give the same pixels.
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+    else:
+        tower, image_processor = load_ref_clip_tower(vision_tower)
+        vision = tower.config.to_dict()
+        # LLaVA-1.5 reads the penultimate layer of its frozen CLIP tower: the last one is shaped by the contrastive
+        # objective through CLS alone.
+        feature_layer = -2
     tokens_per_image = (IMAGE_SIZE // PATCH_SIZE) ** 2
-    # The last ViT layer feeds the projector (-1): a layer -2 feature would leave the last layer untrained here.
     config = LlavaConfig(
         vision_config=vision, text_config=_text_config("llama", tokenizer, llm_layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=tokens_per_image,
-        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True, **_text_ids(tokenizer),
+        vision_feature_layer=feature_layer, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        tie_word_embeddings=True, **_text_ids(tokenizer),
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    _init_clip_positions(model)
-    # The PIL processors are ~15x faster than the torchvision ones on small CPU images, and give the same pixels.
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
+    if vision_tower is None:
+        _init_clip_positions(model)
+    else:
+        model.model.vision_tower.load_state_dict(tower.state_dict())
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
         chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1,
@@ -100,8 +157,11 @@ def build_llava(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden
     return model, processor
 
 
-def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
-    """Qwen2-VL: ViT without CLS, 2x2 patch merger into the LLM, M-RoPE; Qwen2VLForConditionalGeneration."""
+def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
+    """Qwen2-VL: ViT without CLS, 2x2 patch merger into the LLM, M-RoPE; Qwen2VLForConditionalGeneration.
+
+    With `vision_tower` (`train-clip --tower qwen`'s export) the ViT and merger start from that contrastively
+    trained tower, the Qwen2-VL recipe; without, from random weights."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
 
@@ -109,12 +169,17 @@ def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_
     # M-RoPE splits the rotary half-dimension between (t, h, w) in Qwen2-VL's 1:1.5:1.5 proportion.
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}
     convert = tokenizer.convert_tokens_to_ids
+    if vision_tower is None:
+        vision = dict(depth=VISION_SIZE["num_hidden_layers"], embed_dim=VISION_SIZE["hidden_size"],
+                      hidden_size=LLM_SIZE["hidden_size"], num_heads=VISION_SIZE["num_attention_heads"],
+                      mlp_ratio=VISION_SIZE["intermediate_size"] // VISION_SIZE["hidden_size"], patch_size=PATCH_SIZE,
+                      spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+    else:
+        tower, tower_processor = load_qwen_tower(vision_tower)
+        vision = tower.config.to_dict()
     config = Qwen2VLConfig(
         text_config=_text_config("qwen2_vl_text", tokenizer, llm_layers, rope_parameters=rope),
-        vision_config=dict(depth=VISION_SIZE["num_hidden_layers"], embed_dim=VISION_SIZE["hidden_size"],
-                           hidden_size=LLM_SIZE["hidden_size"], num_heads=VISION_SIZE["num_attention_heads"],
-                           mlp_ratio=VISION_SIZE["intermediate_size"] // VISION_SIZE["hidden_size"], patch_size=PATCH_SIZE,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        vision_config=vision,
         image_token_id=convert("<|image_pad|>"), video_token_id=convert("<|video_pad|>"),
         vision_start_token_id=convert("<|vision_start|>"), vision_end_token_id=convert("<|vision_end|>"),
         tie_word_embeddings=True, **_text_ids(tokenizer),
@@ -123,8 +188,12 @@ def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_
     model = Qwen2VLForConditionalGeneration(config)
     size = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
     common = dict(size=size, patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2)
+    if vision_tower is not None:
+        model.model.visual.load_state_dict(tower.state_dict())
+    # A pretrained tower is read with the preprocessing it was trained with.
+    image_processor = tower_processor if vision_tower is not None else Qwen2VLImageProcessorPil(**common)
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(**common), video_processor=Qwen2VLVideoProcessor(**common),
+        image_processor=image_processor, video_processor=Qwen2VLVideoProcessor(**common),
         tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
@@ -133,10 +202,10 @@ def build_qwen(tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_
 BUILDERS = {"llava": build_llava, "qwen": build_qwen}
 
 
-def build(arch: str, tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"]):
+def build(arch: str, tokenizer, seed: int = 0, llm_layers: int = LLM_SIZE["num_hidden_layers"], vision_tower=None):
     if arch not in BUILDERS:
         raise UnknownNameError("reference architecture", arch, BUILDERS)
-    model, processor = BUILDERS[arch](tokenizer, seed, llm_layers)
+    model, processor = BUILDERS[arch](tokenizer, seed, llm_layers, vision_tower)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
