@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from tokenomy.errors import InputError
 from tokenomy.eval import synthvqa
-from tokenomy.train.loop import _one_thread_per_worker, _schedule, open_run, trim_log
+from tokenomy.train.loop import _one_thread_per_worker, _schedule, open_run, resume_from, trim_log
 from tokenomy.train.models import IMAGE_SIZE, LLM_SIZE, PATCH_SIZE, train_tokenizer
 
 CAPTION_SEED = 17  # captions of train scene i are drawn from rng([CAPTION_SEED, seed, i])
@@ -305,11 +305,7 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+        start = resume_from(checkpoint_path, device, model, optimizer, scheduler)
     trim_log(log_path, start)
 
     model.train()

@@ -241,6 +241,17 @@ def open_run(config, resume: bool) -> tuple:
     return out, checkpoint_path, log_path, device
 
 
+def resume_from(checkpoint_path: Path, device, model, optimizer, scheduler, probe=None) -> int:
+    """Load a run's checkpoint into its model (and probe), optimizer and schedule; returns the step it continues at."""
+    state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    if probe is not None:
+        probe.load_state_dict(state["probe"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
 def trim_log(log_path: Path, start: int) -> None:
     """The log keeps exactly the steps the weights have seen: lines written after the last checkpoint are dropped."""
     kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start] if log_path.exists() else []
@@ -281,13 +292,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if probe is not None and "probe" in source:
             probe.load_state_dict(source["probe"])
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        if probe is not None:
-            probe.load_state_dict(state["probe"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+        start = resume_from(checkpoint_path, device, model, optimizer, scheduler, probe)
     trim_log(log_path, start)
 
     model.train()
