@@ -20,6 +20,7 @@ from tokenomy.vision.hf import HFViTEncoder, is_hf_vit
 from tokenomy.vision.qwen_vit import QwenViTEncoder, is_qwen_vit
 from tokenomy.vision.open_clip_vit import OpenClipViTEncoder, is_open_clip_vit
 from tokenomy.vision.timm_vit import TimmViTEncoder, is_timm_vit
+from tokenomy.vision.reference import BUILTIN_ENCODERS, load
 
 # (recognises the module, wraps it), tried in order; Qwen ViTs first, since they are transformers modules too.
 _WRAPPERS = (
@@ -72,5 +73,7 @@ __all__ = [
     "VisionEncoder",
     "VisionOutput",
     "attention_row",
+    "BUILTIN_ENCODERS",
+    "load",
     "wrap_encoder",
 ]

@@ -14,6 +14,7 @@ from tokenomy.io import audio_clip, load_image, video_clip
 from tokenomy.reducers.base import INSTRUCTION_EMBEDDINGS, LLM_SIGNALS, ImageTokens, PositionPolicy, Site
 from tokenomy.reducers.plan import Plan, build_plan
 from tokenomy.vision.base import CLS_ATTENTION, CLS_VALUE_SIMILARITY
+from tokenomy.vision.reference import BUILTIN_ENCODERS
 from tokenomy.vlm.adapters import ADAPTERS, MEDIA_MARKERS, adapter_for
 from tokenomy.vlm.assembly import assemble
 from tokenomy.vlm.in_llm import LLMRun, Step
@@ -60,6 +61,9 @@ def load(model, reducer="none", device=None, dtype=None, position_policy=None, k
             name = path.name
         elif os.sep in str(model) or path.exists():
             raise missing_folder_error(str(model))
+        elif str(model) in BUILTIN_ENCODERS:
+            raise InputError(f"{model} is a vision encoder, not a vision-language model: load it with "
+                             f"tokenomy.vision.load({str(model)!r})")
         else:
             raise UnknownNameError("model", str(model), BUILDERS)
     else:
