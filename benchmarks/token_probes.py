@@ -12,7 +12,10 @@ reducer that keeps only the objects' tokens can lose it. Chance is the majority 
 
     python benchmarks/token_probes.py --models ref-llava,ref-qwen --train-scenes 300 --test-scenes 100
 
-prints a markdown table and writes benchmarks/token_probes.json.
+prints a markdown table and writes benchmarks/token_probes.json. `--encoders ref-clip` probes a vision encoder
+(`tokenomy.vision.load`) on its patch tokens at `--feature-layer` (-2, CLS dropped: what a LLaVA projector reads). A
+LLaVA projector is an MLP applied to each token alone, so it cannot move a fact from one token to another: where the
+frozen tower keeps a fact is where every LLaVA built on it finds it.
 """
 from __future__ import annotations
 
@@ -52,6 +55,16 @@ def visual_tokens(pipeline, images, batch_size: int) -> torch.Tensor:
         handle.remove()
     flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).float()
     return flat.reshape(len(images), -1, flat.shape[-1])
+
+
+@torch.no_grad()
+def encoder_tokens(encoder, images, batch_size: int, feature_layer: int) -> torch.Tensor:
+    """[images, patches, D] fp32 patch tokens of a vision encoder's `feature_layer` (CLS dropped)."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = encoder.image_processor(images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+        chunks.append(encoder.encode(pixels, feature_layer=feature_layer).tokens.float())
+    return torch.cat(chunks)
 
 
 def scene_labels(split: str, count: int, grid: int):
@@ -103,14 +116,21 @@ def group_accuracy(predicted, y, group) -> dict:
     return dict(accuracy=100 * right, chance=100 * chance, cells=int(group.sum()))
 
 
-def probe_model(name: str, train_scenes: int, test_scenes: int, batch_size: int, steps: int, decay: float) -> dict:
+def probe_model(name: str, train_scenes: int, test_scenes: int, batch_size: int, steps: int, decay: float,
+                encoder: bool = False, feature_layer: int = -2) -> dict:
     start = time.perf_counter()
-    pipeline = tokenomy.load(name)
-    grid = probe_grid(pipeline.model)
+    if encoder:
+        tower = tokenomy.vision.load(name)
+        grid = tower.image_processor.crop_size["height"] // tower.patch_size
+        read = lambda images: encoder_tokens(tower, images, batch_size, feature_layer)  # noqa: E731
+    else:
+        pipeline = tokenomy.load(name)
+        grid = probe_grid(pipeline.model)
+        read = lambda images: visual_tokens(pipeline, images, batch_size)  # noqa: E731
     data = {}
     for split, count in (("train", train_scenes), ("test", test_scenes)):
         images, labels, foreground = scene_labels(split, count, grid)
-        tokens = visual_tokens(pipeline, images, batch_size)
+        tokens = read(images)
         if tokens.shape[1] != grid * grid:
             raise SystemExit(f"{name}: {tokens.shape[1]} visual tokens per image, expected a {grid}x{grid} grid")
         data[split] = (tokens.flatten(0, 1), labels.flatten(0, 1), foreground.flatten())
@@ -154,7 +174,9 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="ref-llava,ref-qwen")
+    parser.add_argument("--models", default="ref-llava,ref-qwen", help="VLMs (tokenomy.load names); '' for none")
+    parser.add_argument("--encoders", default="", help="vision encoders (tokenomy.vision.load names), e.g. ref-clip")
+    parser.add_argument("--feature-layer", type=int, default=-2, help="the encoders' layer that is probed")
     parser.add_argument("--train-scenes", type=int, default=300)
     parser.add_argument("--test-scenes", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=25)
@@ -165,8 +187,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = {name: probe_model(name, args.train_scenes, args.test_scenes, args.batch_size, args.steps, args.decay)
-               for name in args.models.split(",")}
+    common = (args.train_scenes, args.test_scenes, args.batch_size, args.steps, args.decay)
+    results = {name: probe_model(name, *common) for name in filter(None, args.models.split(","))}
+    results.update({f"{name} (layer {args.feature_layer})": probe_model(name, *common, encoder=True, feature_layer=args.feature_layer)
+                    for name in filter(None, args.encoders.split(","))})
+    if not results:
+        raise SystemExit("nothing to probe: pass --models and/or --encoders")
     print(table(results))
     meta = dict(command="python benchmarks/token_probes.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), machine=machine(),

@@ -3,9 +3,12 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from transformers import CLIPModel
 
+import tokenomy
 from tokenomy.eval import synthvqa
 from tokenomy.train.probe import cell_labels
+from tokenomy.vision.reference import ASSETS
 
 SPEC = importlib.util.spec_from_file_location("token_probes", Path(__file__).parents[1] / "benchmarks" / "token_probes.py")
 token_probes = importlib.util.module_from_spec(SPEC)
@@ -34,3 +37,15 @@ def test_probe_reads_a_linear_code_and_chance_is_the_majority():
     assert token_probes.group_accuracy(predicted, y, y > 0)["accuracy"] == 100.0
     shuffled = token_probes.group_accuracy(y[torch.randperm(600)], y, torch.ones(600, dtype=torch.bool))
     assert shuffled["accuracy"] < 50 and shuffled["chance"] == 100 * torch.bincount(y).max().item() / 600
+
+
+def test_encoder_tokens_are_the_feature_layer_patches():
+    encoder = tokenomy.vision.load("ref-clip")
+    images = [synthvqa.render(synthvqa.make_scene("test", i)) for i in range(3)]
+    tokens = token_probes.encoder_tokens(encoder, images, batch_size=2, feature_layer=-2)
+    assert tokens.shape == (3, 256, encoder.config.hidden_size)
+    reference = CLIPModel.from_pretrained(ASSETS / "ref-clip").vision_model.eval()
+    pixels = encoder.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(tokens, expected)
