@@ -39,7 +39,7 @@ test: $(STAMP) browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q tests
 
 # `make run`: every registered reducer that reduces images to a budget (all but the omni-only seats) at about 25%,
-# 11% and 6% of ref-llava's 256 visual tokens, plus `none` and the two oracle diagnostics (not registered reducers, so
+# 11% and 6% of ref-llava-e2e's 256 visual tokens, plus `none` and the two oracle diagnostics (not registered reducers, so
 # named here), on the first RUN_LIMIT synthvqa test questions (whole scenes, every question type); prints the table,
 # writes the plot.
 RUN_OUT := outputs/make_run
@@ -48,7 +48,7 @@ RUN_KEEPS ?= 64,28,16
 
 run: $(STAMP)
 	rm -rf $(RUN_OUT)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VENV)/bin/tokenomy eval --model ref-llava --tasks synthvqa \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VENV)/bin/tokenomy eval --model ref-llava-e2e --tasks synthvqa \
 		--reducers "$$($(PY) -c 'from tokenomy.reducers import available; print(",".join(available(images=True)))'),oracle-question,oracle-foreground" \
 		--keep $(RUN_KEEPS) --limit $(RUN_LIMIT) --batch_size 15 --output_path $(RUN_OUT)
 	$(VENV)/bin/tokenomy report $(RUN_OUT)

@@ -1,11 +1,11 @@
-"""PPE on ref-qwen over synthvqa: the same DPC-KNN merge with three position schemes, per question type.
+"""PPE on ref-qwen-e2e over synthvqa: the same DPC-KNN merge with three position schemes, per question type.
 
-- ppe K=2: a merged token carries 2 member positions, one per half of every M-RoPE axis band (ref-qwen's sections
+- ppe K=2: a merged token carries 2 member positions, one per half of every M-RoPE axis band (ref-qwen-e2e's sections
   [4, 6, 6] carry K in {1, 2}).
 - one position (K=1): a merged token rotates by one member's TRUE (t, h, w) (its last member), like P-keep.
 - renumbered: the Chat-UniVi baseline: after merging, the whole sequence gets sequential positions 0..L-1 on all
   three axes, and decoding continues from L.
-Budgets: `keep` merged tokens of ref-qwen's 64 per image (default 16 / 7 / 4: about 25 / 11 / 6 %).
+Budgets: `keep` merged tokens of ref-qwen-e2e's 64 per image (default 16 / 7 / 4: about 25 / 11 / 6 %).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/ppe_positions.py --scenes 40 --out benchmarks/ppe_positions.json
 """
@@ -55,7 +55,7 @@ def variants(keep):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ref-qwen")
+    parser.add_argument("--model", default="ref-qwen-e2e")
     parser.add_argument("--keep", type=int, nargs="+", default=[16, 7, 4])
     parser.add_argument("--scenes", type=int, default=40, help="test scenes (7 questions each, one per type)")
     parser.add_argument("--out", default="benchmarks/ppe_positions.json")

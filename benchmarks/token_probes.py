@@ -10,7 +10,7 @@ on labelled cells (something of that head under the cell; for the scene-level he
 and on background cells. A scene-level fact readable from background cells means the model stores it there, so a
 reducer that keeps only the objects' tokens can lose it. Chance is the majority class of each group on the test cells.
 
-    python benchmarks/token_probes.py --models ref-llava,ref-qwen --train-scenes 300 --test-scenes 100
+    python benchmarks/token_probes.py --models ref-llava-e2e,ref-qwen-e2e --train-scenes 300 --test-scenes 100
 
 prints a markdown table and writes benchmarks/token_probes.json. `--encoders ref-clip` probes a vision encoder
 (`tokenomy.vision.load`) on its patch tokens at `--feature-layer` (-2, CLS dropped: what a LLaVA projector reads). A
@@ -174,7 +174,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="ref-llava,ref-qwen", help="VLMs (tokenomy.load names); '' for none")
+    parser.add_argument("--models", default="ref-llava-e2e,ref-qwen-e2e", help="VLMs (tokenomy.load names); '' for none")
     parser.add_argument("--encoders", default="", help="vision encoders (tokenomy.vision.load names), e.g. ref-clip")
     parser.add_argument("--feature-layer", type=int, default=-2, help="the encoders' layer that is probed")
     parser.add_argument("--train-scenes", type=int, default=300)

@@ -1,6 +1,6 @@
 """`tokenomy demo vlm` in a real browser: Debian's chromium, driven by Playwright with the system executable.
 
-Loads the page, attaches the example scene, asks ref-llava about it, waits for the reply and saves a screenshot; the
+Loads the page, attaches the example scene, asks ref-llava-e2e about it, waits for the reply and saves a screenshot; the
 answer must be in the page and the screenshot must not be blank. Skips, saying why, when Playwright or a chromium
 executable is missing (`make test` installs chromium with apt-get when it can). Set TOKENOMY_SCREENSHOT_DIR to keep
 the screenshot.

@@ -13,7 +13,7 @@ from tokenomy.demo.serving import parse_file_size
 from tokenomy.errors import InputError, UnknownNameError
 
 gradio_client = pytest.importorskip("gradio_client")
-QUESTION = "What color is the small object?"  # ref-llava answers the example scene with 'yellow' (README)
+QUESTION = "What color is the small object?"  # ref-llava-e2e answers the example scene with 'yellow' (README)
 
 
 def test_keep_field_blank_or_zero_means_the_reducer_default():
@@ -89,7 +89,7 @@ def test_command_refuses_a_bad_start_before_serving(capsys, tmp_path):
         assert message in capsys.readouterr().err
 
 
-def _chat(client, files, text=QUESTION, model="ref-llava", reducer="vtc-cls", keep=64, side_by_side=False, max_new_tokens=8):
+def _chat(client, files, text=QUESTION, model="ref-llava-e2e", reducer="vtc-cls", keep=64, side_by_side=False, max_new_tokens=8):
     handle = gradio_client.handle_file
     return client.predict({"text": text, "files": [handle(str(f)) for f in files]}, model, reducer, keep, side_by_side,
                           max_new_tokens, api_name="/chat")
@@ -117,9 +117,9 @@ def test_served_chat_through_gradio_client(tmp_path, caplog):
         assert stats["reduced"]["visual_tokens_kept"] == 32 and picture is not None
         reply, _, stats = _chat(client, [scene], reducer="vtc-cls:keep=128+fastv", keep=16)
         assert stats["reduced"]["reducer"] == "vtc-cls:keep=128+fastv" and stats["reduced"]["visual_tokens_kept"] == 16
-        assert set(session.cache.pipelines) == {("ref-llava", "vtc-cls", 64), ("ref-llava", "fastv", 32),
-                                                ("ref-llava", "none", None), ("ref-llava", "vtc-cls:keep=128+fastv", 16)}
-        assert list(session.cache.models) == ["ref-llava"]
+        assert set(session.cache.pipelines) == {("ref-llava-e2e", "vtc-cls", 64), ("ref-llava-e2e", "fastv", 32),
+                                                ("ref-llava-e2e", "none", None), ("ref-llava-e2e", "vtc-cls:keep=128+fastv", 16)}
+        assert list(session.cache.models) == ["ref-llava-e2e"]
 
         video = write_video(tmp_path / "clip.mp4", n_frames=8, size=64)
         reply, picture, stats = _chat(client, [video], model="tiny-qwen2-vl", reducer="random", keep=4)

@@ -87,7 +87,7 @@ def test_lmms_eval_cli_matches_tokenomy_eval(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "lmms_eval", "--model", "tokenomy",
-               "--model_args", f"pretrained=ref-llava,reducer={REDUCER},keep={KEEP}", "--tasks", "synthvqa_local",
+               "--model_args", f"pretrained=ref-llava-e2e,reducer={REDUCER},keep={KEEP}", "--tasks", "synthvqa_local",
                "--include_path", str(tmp_path / "tasks"), "--batch_size", str(BATCH), "--limit", str(QUESTIONS),
                "--output_path", str(tmp_path / "lmms_out"), "--log_samples"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -105,7 +105,7 @@ def test_lmms_eval_cli_matches_tokenomy_eval(tmp_path):
             response = response[0]
         lmms_predictions[sample["doc_id"]] = response
 
-    assert tokenomy_cli(["eval", "--model", "ref-llava", "--tasks", "synthvqa", "--data-dir", str(tmp_path), "--reducers", REDUCER, "--keep", str(KEEP),
+    assert tokenomy_cli(["eval", "--model", "ref-llava-e2e", "--tasks", "synthvqa", "--data-dir", str(tmp_path), "--reducers", REDUCER, "--keep", str(KEEP),
                          "--limit", str(QUESTIONS), "--batch_size", str(BATCH), "--output_path", str(tmp_path / "ours"),
                          "--log_samples"]) == 0
     (ours_file,) = (tmp_path / "ours").rglob("*_results.json")

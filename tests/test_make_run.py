@@ -1,4 +1,4 @@
-"""`make run` crosses every reducer `available(images=True)` lists with `keep` budgets on ref-llava's images."""
+"""`make run` crosses every reducer `available(images=True)` lists with `keep` budgets on ref-llava-e2e's images."""
 import re
 from pathlib import Path
 

@@ -16,7 +16,7 @@ from tokenomy.eval.synthvqa import Scene, SceneObject
 from tokenomy.eval.tasks.synthvqa import SynthVQA
 from tokenomy.reducers import ImageTokens, available
 
-CELL = 8  # ref-llava's patch
+CELL = 8  # ref-llava-e2e's patch
 GRID = synthvqa.IMAGE_SIZE // CELL
 
 
@@ -125,7 +125,7 @@ def test_question_oracle_text_and_spatial_patches():
 def test_foreground_oracle_on_the_merged_qwen_grid():
     scene = hand_made_scene()
     context = SynthVQA().reducer_context(doc_of(scene, "color"))
-    side = GRID // 2  # 8x8 cells of 16 px, like ref-qwen's after the 2x2 merger
+    side = GRID // 2  # 8x8 cells of 16 px, like ref-qwen-e2e's after the 2x2 merger
     foreground = foreground_by_cell(synthvqa.render(scene), side)
     kept = oracles.ForegroundOracle(keep=6).select(grid_tokens(context, side)).kept.tolist()
     assert set(kept) == set(np.argsort(-foreground, kind="stable")[:6].tolist())
@@ -138,7 +138,7 @@ def test_oracle_refuses_a_grid_the_pixels_do_not_split_into():
         oracles.ForegroundOracle(keep=4).select(grid_tokens(context, 24))
 
 
-@pytest.mark.parametrize("model,side,keep", [("ref-llava", 16, 20), ("ref-qwen", 8, 6)])
+@pytest.mark.parametrize("model,side,keep", [("ref-llava-e2e", 16, 20), ("ref-qwen-e2e", 8, 6)])
 def test_batch_equals_singles_and_the_pipeline_keeps_what_the_oracle_chose(model, side, keep):
     task = SynthVQA()
     docs = list(synthvqa.items("test", limit=14))[::3]  # five questions of two scenes, several types
@@ -158,14 +158,14 @@ def test_batch_equals_singles_and_the_pipeline_keeps_what_the_oracle_chose(model
 def test_oracles_are_refused_outside_synthvqa(tmp_path):
     assert not set(oracles.DIAGNOSTICS) & set(available())
     with pytest.raises(InputError, match="synthvqa diagnostic"):
-        tokenomy.load("ref-llava", reducer="oracle-question", keep=16)
-    pipeline = tokenomy.load("ref-llava", reducer=oracles.plan("oracle-foreground", keep=16))
+        tokenomy.load("ref-llava-e2e", reducer="oracle-question", keep=16)
+    pipeline = tokenomy.load("ref-llava-e2e", reducer=oracles.plan("oracle-foreground", keep=16))
     with pytest.raises(InputError, match="oracle-foreground is a synthvqa diagnostic"):
         pipeline.generate([synthvqa.render(hand_made_scene())], ["What word is written?"], max_new_tokens=1)
     data = tmp_path / "data"
     synthvqa.export_jsonl(data, "val", num_scenes=1)
     with pytest.raises(InputError, match="only synthvqa provides; task vqa-jsonl"):
-        run_eval(EvalConfig(model="ref-llava", tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(tmp_path / "o"),
+        run_eval(EvalConfig(model="ref-llava-e2e", tasks=["vqa-jsonl"], data_dir=str(data), output_path=str(tmp_path / "o"),
                             reducers=["oracle-question"], keeps=[16]))
     with pytest.raises(InputError, match="run alone"):
         oracles.plan("oracle-question+fastv", keep=16)
@@ -177,12 +177,12 @@ def test_oracles_are_refused_outside_synthvqa(tmp_path):
 
 def test_synthvqa_runs_without_data_dir_and_other_tasks_still_need_it(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["eval", "--model", "ref-qwen", "--tasks", "synthvqa", "--reducers", "random,oracle-question",
+    assert main(["eval", "--model", "ref-qwen-e2e", "--tasks", "synthvqa", "--reducers", "random,oracle-question",
                  "--keep", "4", "--limit", "7", "--output_path", str(out)]) == 0
     results = json.loads(next(out.rglob("*_results.json")).read_text())
     assert results["config"]["data_dir"] is None
     assert set(results["results"]["synthvqa"]) == {"random", "oracle-question"}
     assert results["results"]["synthvqa"]["oracle-question"]["4"]["efficiency"]["visual_tokens_kept"] == 4
     capsys.readouterr()
-    assert main(["eval", "--model", "ref-qwen", "--tasks", "vqa-jsonl", "--output_path", str(out)]) == 2
+    assert main(["eval", "--model", "ref-qwen-e2e", "--tasks", "vqa-jsonl", "--output_path", str(out)]) == 2
     assert "task vqa-jsonl reads its files from --data-dir" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from tokenomy.eval.runner import EvalConfig, run_eval
 from tokenomy.eval.synthvqa_eval import evaluate
 
 SUBSET = 200  # the first 200 test questions: every question type, fixed forever
-MODELS = [("ref-llava", 256), ("ref-qwen", 64)]
+MODELS = [("ref-llava-e2e", 256), ("ref-qwen-e2e", 64)]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_reference_model_meets_the_issue_target(scored):
 
 
 def test_synthvqa_task_in_the_harness(tmp_path):
-    path = run_eval(EvalConfig(model="ref-llava", tasks=["synthvqa"], data_dir=str(tmp_path), output_path=str(tmp_path / "out"),
+    path = run_eval(EvalConfig(model="ref-llava-e2e", tasks=["synthvqa"], data_dir=str(tmp_path), output_path=str(tmp_path / "out"),
                                reducers=["none", "random"], keeps=[28], limit=14, batch_size=7))
     results = json.loads(path.read_text())["results"]["synthvqa"]
     full, pruned = results["none"]["all"]["metrics"], results["random"]["28"]["metrics"]
@@ -51,3 +51,11 @@ def test_synthvqa_task_in_the_harness(tmp_path):
         per_type = [metrics[f"accuracy_{kind}"] for kind in synthvqa.QUESTION_TYPES]
         assert metrics["accuracy"] == pytest.approx(sum(per_type) / len(per_type))  # 2 questions of each type
     assert results["random"]["28"]["efficiency"]["visual_tokens_kept"] == 28
+
+
+def test_names_of_models_in_training_say_so():
+    from tokenomy.errors import ModelLoadError
+
+    for name, shipped in (("ref-llava", "ref-llava-e2e"), ("ref-qwen", "ref-qwen-e2e")):
+        with pytest.raises(ModelLoadError, match=f"still in training.*'{shipped}'"):
+            tokenomy.load(name)

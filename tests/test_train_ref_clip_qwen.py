@@ -60,7 +60,7 @@ def test_image_embedding_is_the_mean_of_each_images_merged_tokens(qwen_tower):
         alone = model.get_image_features(**clip.encode_images(processor, images[1:])).pooler_output
         inputs = clip.encode_images(processor, images[:1])
         merged = model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
-    assert merged.shape == (64, 96)  # 8x8 merged tokens as wide as ref-qwen's LLM
+    assert merged.shape == (64, 96)  # 8x8 merged tokens as wide as ref-qwen-e2e's LLM
     torch.testing.assert_close(both[0], model.visual_projection(merged.mean(0)))
     torch.testing.assert_close(both[1], alone[0])  # one image's embedding never depends on the batch
 

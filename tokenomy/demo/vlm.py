@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenomy.demo.serving import import_gradio
 from tokenomy.errors import InputError, TokenomyError
 
-DEFAULT_MODEL = "ref-llava"
+DEFAULT_MODEL = "ref-llava-e2e"
 DEFAULT_REDUCER = "vtc-cls"
 DEFAULT_KEEP = 64
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -189,7 +189,7 @@ class ChatSession:
 
 
 def example_scene() -> str:
-    """A synthvqa test scene written to a temporary file: the example the app offers (ref-llava answers 'yellow')."""
+    """A synthvqa test scene written to a temporary file: the example the app offers (ref-llava-e2e answers 'yellow')."""
     import os
     import tempfile
 

@@ -19,14 +19,14 @@ DEFAULT_MAX_NEW_TOKENS = 128  # lmms-eval's models generate this many when a tas
 
 
 class TokenomyLMMS(lmms):
-    """pretrained: a local model folder or a built-in name (ref-llava, tiny-llava, ...). reducer: a registered reducer
+    """pretrained: a local model folder or a built-in name (ref-llava-e2e, tiny-llava, ...). reducer: a registered reducer
     or a stacked spec. keep: the last stage's budget. Other keys are reducer options (`name.key=value` for one stage of
     a stacked spec), as `tokenomy.load` takes them. batch_size, max_batch_size and device come from lmms-eval's own
     flags; max_batch_size only caps `--batch_size auto`, which this model refuses (give a number)."""
 
     is_simple = True
 
-    def __init__(self, pretrained: str = "ref-llava", reducer: str = "none", keep=None, position_policy=None,
+    def __init__(self, pretrained: str = "ref-llava-e2e", reducer: str = "none", keep=None, position_policy=None,
                  device=None, dtype=None, batch_size=1, max_batch_size=None, **reducer_options):
         super().__init__()
         try:

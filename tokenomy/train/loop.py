@@ -52,7 +52,7 @@ class TrainConfig:
     # models, 0 on a frozen vision tower.
     probe_weight: float | None = None
     # The first `vision_steps` of `steps` train the vision tower and projector through the probe alone (synthvqa
-    # only): a step without the LLM costs about half (measured on ref-llava), and the LLM learns nothing from the image until the
+    # only): a step without the LLM costs about half (measured on ref-llava-e2e), and the LLM learns nothing from the image until the
     # tokens tell shapes and words apart.
     vision_steps: int = 0
     llm_layers: int = LLM_SIZE["num_hidden_layers"]

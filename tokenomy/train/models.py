@@ -1,7 +1,7 @@
 """Reference model architectures: small LLaVA and Qwen2-VL models in the transformers formats, with a BPE tokenizer
 trained on the task's own text so questions and answers are a few tokens each.
 
-Sizes are chosen so a model trains on two CPU cores in hours: ref-qwen reached its accuracy in about three; ref-llava
+Sizes are chosen so a model trains on two CPU cores in hours: ref-qwen-e2e reached its accuracy in about three; ref-llava-e2e
 took four on the CPU and eight more minutes on a GPU (docs/reference-models.md has the times and the accuracy).
 """
 from __future__ import annotations

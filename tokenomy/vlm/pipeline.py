@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tokenomy.errors import InputError, UnknownNameError
+from tokenomy.errors import InputError, ModelLoadError, UnknownNameError
 from tokenomy.io import audio_clip, load_image, video_clip
 from tokenomy.reducers.base import INSTRUCTION_EMBEDDINGS, LLM_SIGNALS, ImageTokens, PositionPolicy, Site
 from tokenomy.reducers.plan import Plan, build_plan
@@ -20,7 +20,7 @@ from tokenomy.vlm.assembly import assemble
 from tokenomy.vlm.in_llm import LLMRun, Step
 from tokenomy.vlm.loading import load_local, missing_folder_error, resolve_dtype
 from tokenomy.vlm.sites import StageRecord, encoder_requests, run_vision_stages, union_request
-from tokenomy.vlm.tiny import BUILDERS
+from tokenomy.vlm.tiny import BUILDERS, NOT_YET_SHIPPED
 from tokenomy.vlm.views import TokenView, owners
 
 
@@ -61,6 +61,10 @@ def load(model, reducer="none", device=None, dtype=None, position_policy=None, k
             name = path.name
         elif os.sep in str(model) or path.exists():
             raise missing_folder_error(str(model))
+        elif str(model) in NOT_YET_SHIPPED:
+            raise ModelLoadError(f"{model}: the model built by the real recipe on ref-clip is still in training and not "
+                                 f"shipped; the end-to-end one is {NOT_YET_SHIPPED[str(model)]!r} "
+                                 f"(docs/reference-models.md)")
         elif str(model) in BUILTIN_ENCODERS:
             raise InputError(f"{model} is a vision encoder, not a vision-language model: load it with "
                              f"tokenomy.vision.load({str(model)!r})")

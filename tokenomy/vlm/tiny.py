@@ -247,12 +247,16 @@ def _reference_model(name: str):
     return build
 
 
+# Names kept for the reference VLMs built by the real recipes on ref-clip (docs/reference-models.md) while they
+# train; a name never points at the end-to-end models in the meantime.
+NOT_YET_SHIPPED = {"ref-llava": "ref-llava-e2e", "ref-qwen": "ref-qwen-e2e"}
+
 BUILDERS = {
     "tiny-llava": build_tiny_llava,
     "tiny-llava-next": build_tiny_llava_next,
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
     "tiny-qwen2.5-vl": build_tiny_qwen2_5_vl,
     "tiny-qwen2.5-omni": build_tiny_qwen2_5_omni,
-    "ref-llava": _reference_model("ref-llava"),
-    "ref-qwen": _reference_model("ref-qwen"),
+    "ref-llava-e2e": _reference_model("ref-llava-e2e"),
+    "ref-qwen-e2e": _reference_model("ref-qwen-e2e"),
 }
