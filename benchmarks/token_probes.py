@@ -150,6 +150,58 @@ def probe_model(name: str, train_scenes: int, test_scenes: int, batch_size: int,
     return out
 
 
+def pooled_probes(name: str, train_scenes: int, test_scenes: int, batch_size: int, steps: int, decay: float) -> dict:
+    """For a vision encoder with CLS: is a fact there at all, if no single token holds it? Probes on the mean layer -2
+    token of each object's cells (shape), of the text cells (word), and on the CLS token at layers -2 and -1 (the
+    scene's word and object count). One row per (fact, input), accuracy on held-out test scenes."""
+    tower = tokenomy.vision.load(name)
+    grid = tower.image_processor.crop_size["height"] // tower.patch_size
+    columns = list(HEADS)
+
+    @torch.no_grad()
+    def features(split: str, count: int) -> dict:
+        scenes = [synthvqa.make_scene(split, i) for i in range(count)]
+        images = [synthvqa.render(scene) for scene in scenes]
+        patches, cls = [], {-2: [], -1: []}
+        for start in range(0, count, batch_size):
+            pixels = tower.image_processor(images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+            hidden = tower.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+            patches.append(hidden[-2][:, 1:].float())
+            for layer in cls:
+                cls[layer].append(hidden[layer][:, 0].float())
+        patches = torch.cat(patches)
+        rows = {"shape": ([], []), "word": ([], [])}
+        for index, (scene, image) in enumerate(zip(scenes, images)):
+            cells = cell_labels(scene, image, grid)
+            color, shape, word = (cells[:, columns.index(head)] for head in ("color", "shape", "word"))
+            for key in sorted(set(zip(color.tolist(), shape.tolist()))):  # (colour, shape) names one object
+                if 0 not in key:
+                    rows["shape"][0].append(patches[index][(color == key[0]) & (shape == key[1])].mean(0))
+                    rows["shape"][1].append(key[1])
+            if (word > 0).any():
+                rows["word"][0].append(patches[index][word > 0].mean(0))
+                rows["word"][1].append(synthvqa.WORDS.index(scene.word))
+        words = torch.tensor([synthvqa.WORDS.index(scene.word) for scene in scenes])
+        counts = torch.tensor([len(scene.objects) for scene in scenes])
+        data = {f"{fact} from the mean token of its cells": (torch.stack(x), torch.tensor(y)) for fact, (x, y) in rows.items()}
+        for layer, chunks in cls.items():
+            data[f"word from CLS at layer {layer}"] = (torch.cat(chunks), words)
+            data[f"count from CLS at layer {layer}"] = (torch.cat(chunks), counts)
+        return data
+
+    train, test = features("train", train_scenes), features("test", test_scenes)
+    out = {}
+    for row, (x, y) in train.items():
+        classes = {"shape": HEADS["shape"], "word": len(synthvqa.WORDS), "count": SCENE_HEADS["count"]}[row.split()[0]]
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+        probe = fit_probe((x - mean) / std, y, torch.ones_like(y, dtype=torch.bool), classes, steps, decay)
+        test_x, test_y = test[row]
+        with torch.no_grad():
+            predicted = probe((test_x - mean) / std).argmax(-1)
+        out[row] = group_accuracy(predicted, test_y, torch.ones_like(test_y, dtype=torch.bool))
+    return out
+
+
 def table(results: dict) -> str:
     models = list(results)
     lines = ["| head | " + " | ".join(f"{m} labelled | {m} background" for m in models) + " |",
@@ -194,10 +246,15 @@ def main() -> None:
     if not results:
         raise SystemExit("nothing to probe: pass --models and/or --encoders")
     print(table(results))
+    pooled = {name: pooled_probes(name, *common) for name in filter(None, args.encoders.split(","))}
+    for name, rows in pooled.items():
+        print(f"\n| {name}: pooled and CLS probes | accuracy (chance) | test items |\n|---|---|---|")
+        for row, score in rows.items():
+            print(f"| {row} | {score['accuracy']:.1f} ({score['chance']:.1f}) | {score['cells']} |")
     meta = dict(command="python benchmarks/token_probes.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                 torch=torch.__version__, threads=args.threads)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(dict(meta=meta, results=results, pooled=pooled), indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -49,3 +49,13 @@ def test_encoder_tokens_are_the_feature_layer_patches():
     with torch.no_grad():
         expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     torch.testing.assert_close(tokens, expected)
+
+
+def test_pooled_probes_report_every_fact_on_held_out_items():
+    rows = token_probes.pooled_probes("ref-clip", train_scenes=12, test_scenes=6, batch_size=6, steps=5, decay=1e-3)
+    assert list(rows) == ["shape from the mean token of its cells", "word from the mean token of its cells",
+                          "word from CLS at layer -2", "count from CLS at layer -2", "word from CLS at layer -1",
+                          "count from CLS at layer -1"]
+    objects = sum(len(synthvqa.make_scene("test", i).objects) for i in range(6))
+    assert rows["count from CLS at layer -1"]["cells"] == 6 and 0 < rows["shape from the mean token of its cells"]["cells"] <= objects
+    assert all(0 <= row["accuracy"] <= 100 and 0 < row["chance"] <= 100 for row in rows.values())

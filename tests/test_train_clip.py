@@ -17,10 +17,14 @@ TINY = dict(steps=6, batch_size=8, lr=3e-3, warmup=2, vision_layers=2, width=32,
             tokenizer_scenes=40)
 
 
-def test_captions_are_true_of_the_scene():
+@pytest.mark.parametrize("style", clip.CAPTION_STYLES)
+def test_captions_are_true_of_the_scene(style):
     for index in range(60):
         scene = synthvqa.make_scene("train", index)
-        text = clip.caption(scene, np.random.default_rng([0, index]))
+        text = clip.caption(scene, np.random.default_rng([0, index]), style)
+        if style == "v2":  # the word in every caption, lower case; at least two objects named
+            assert scene.word in text and scene.word.upper() not in text, text
+            assert len(re.findall(r"\b(circle|square|triangle|diamond)", text)) >= 2, text
         names = {o.name for o in scene.objects}
         for color, shape in re.findall(r"(red|green|blue|yellow|purple|orange) (circle|square|triangle|diamond)\b", text):
             assert f"{color} {shape}" in names, (text, names)

@@ -56,7 +56,7 @@ def add_parser(subparsers):
 
 
 def add_clip_parser(subparsers):
-    from tokenomy.train.clip import TOWERS, ClipConfig
+    from tokenomy.train.clip import CAPTION_STYLES, TOWERS, ClipConfig
 
     defaults = ClipConfig(out_dir="")
     parser = subparsers.add_parser(
@@ -75,6 +75,9 @@ def add_clip_parser(subparsers):
     parser.add_argument("--tower", choices=TOWERS, default=defaults.tower,
                         help="clip: CLIP's ViT with CLS (ref-clip); qwen: a Qwen2-VL ViT with its 2x2 merger, for train-ref "
                              "--arch qwen --vision-tower")
+    parser.add_argument("--captions", choices=CAPTION_STYLES, default=defaults.captions,
+                        help="caption writer: v2 names the word in every caption and 2-4 objects; v1 trained the shipped "
+                             "ref-clip")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=100, help="test scenes of the retrieval score; 0 skips it")
     parser.set_defaults(func=run_clip)

@@ -61,9 +61,11 @@ class ClipConfig:
     # than a step of this model on a GPU. 0 builds them in the training process.
     workers: int = 0
     tower: str = "clip"  # one of TOWERS: CLIP's ViT with CLS, or Qwen2-VL's ViT with its merger
+    captions: str = "v2"  # one of CAPTION_STYLES (see scene_facts); the shipped ref-clip was trained on v1
 
 
 TOWERS = ("clip", "qwen")
+CAPTION_STYLES = ("v1", "v2")
 
 
 # ---- captions ------------------------------------------------------------------------------------------------------
@@ -88,11 +90,18 @@ def object_phrase(o, rng) -> str:
     return forms[int(rng.integers(len(forms)))]
 
 
-def scene_facts(scene, rng) -> list[str]:
-    """Phrases true of the scene: some objects, then maybe a count, the word, the small object and a relation."""
+def scene_facts(scene, rng, style: str = "v2") -> list[str]:
+    """Phrases true of the scene: some objects, then maybe a count, the word, the small object and a relation.
+
+    Style v1 (the shipped ref-clip) names 1-3 objects and the word in half of the captions, one form of four in capitals;
+    its patch tokens ended up holding no trace of the word and little of the shape (benchmarks/RESULTS.md, issue 14).
+    v2 names 2-4 objects and the word in every caption, in lower case as the questions write it."""
+    if style not in CAPTION_STYLES:
+        raise InputError(f"caption style {style!r}: choose one of {', '.join(CAPTION_STYLES)}")
     objects = list(scene.objects)
     rng.shuffle(objects)
-    facts = [object_phrase(o, rng) for o in objects[: int(rng.integers(1, 4))]]
+    named = int(rng.integers(1, 4)) if style == "v1" else int(rng.integers(2, 5))
+    facts = [object_phrase(o, rng) for o in objects[:named]]
     count = len(scene.objects)
     if rng.random() < 0.5:
         kind = int(rng.integers(3))
@@ -106,9 +115,12 @@ def scene_facts(scene, rng) -> list[str]:
             shape = objects[0].shape
             same = sum(o.shape == shape for o in scene.objects)
             facts.append(f"{same} {_plural(shape, same)}")
-    if rng.random() < 0.5:
+    if style == "v1" and rng.random() < 0.5:
         forms = [f"the word {scene.word}", f"the text {scene.word.upper()}", f"{scene.word} written on it",
                  f'the word "{scene.word}"']
+        facts.append(forms[int(rng.integers(len(forms)))])
+    elif style == "v2":
+        forms = [f"the word {scene.word}", f"{scene.word} written on it", f'the word "{scene.word}"']
         facts.append(forms[int(rng.integers(len(forms)))])
     if rng.random() < 0.3:
         small = next(o for o in scene.objects if o.small)
@@ -123,8 +135,8 @@ def scene_facts(scene, rng) -> list[str]:
     return facts
 
 
-def caption(scene, rng) -> str:
-    facts = scene_facts(scene, rng)
+def caption(scene, rng, style: str = "v2") -> str:
+    facts = scene_facts(scene, rng, style)
     rng.shuffle(facts)
     joined = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1]
     prefix = ("", "a picture of ", "an image with ", "a drawing of ")[int(rng.integers(4))]
@@ -138,10 +150,10 @@ def full_caption(scene) -> str:
     return f"{len(objects)} objects: " + ", ".join(parts) + f" and the word {scene.word}"
 
 
-def train_pair(index: int, seed: int) -> tuple:
+def train_pair(index: int, seed: int, style: str = "v2") -> tuple:
     """(image, caption) of train scene `index`: the same whichever process or resume builds it."""
     scene = synthvqa.make_scene("train", index)
-    return synthvqa.render(scene), caption(scene, np.random.default_rng([CAPTION_SEED, seed, index]))
+    return synthvqa.render(scene), caption(scene, np.random.default_rng([CAPTION_SEED, seed, index]), style)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
@@ -226,7 +238,7 @@ def caption_tokenizer(config: ClipConfig, out: Path):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     else:
         scenes = [synthvqa.make_scene("train", i) for i in range(config.tokenizer_scenes)]
-        texts = [caption(s, np.random.default_rng([CAPTION_SEED, config.seed, i])) for i, s in enumerate(scenes)]
+        texts = [caption(s, np.random.default_rng([CAPTION_SEED, config.seed, i]), config.captions) for i, s in enumerate(scenes)]
         texts += [full_caption(s) for s in scenes]
         # "<|im_end|>" ends a caption: CLIP's text model treats an end token of id 2 ("</s>" here) as a legacy
         # config and reads the highest token id instead.
@@ -250,7 +262,7 @@ def encode_captions(tokenizer, texts: list) -> dict:
 
 def batch(step: int, config: ClipConfig, tokenizer, image_processor) -> dict:
     """Batch `step` holds train scenes step*B .. step*B+B-1, so a resumed run continues the same loss curve."""
-    pairs = [train_pair(step * config.batch_size + i, config.seed) for i in range(config.batch_size)]
+    pairs = [train_pair(step * config.batch_size + i, config.seed, config.captions) for i in range(config.batch_size)]
     return dict(**encode_images(image_processor, [image for image, _ in pairs]), **encode_captions(tokenizer, [text for _, text in pairs]))
 
 
@@ -291,6 +303,8 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
     """Train (or resume) ref-clip; returns the exported folder `out_dir/model` (CLIPModel, tokenizer, image processor)."""
     if config.tower not in TOWERS:
         raise InputError(f"--tower {config.tower!r}: choose one of {', '.join(TOWERS)}")
+    if config.captions not in CAPTION_STYLES:
+        raise InputError(f"--captions {config.captions!r}: choose one of {', '.join(CAPTION_STYLES)}")
     if config.vision_layers < 1 or config.width % 16:
         raise InputError(f"--vision-layers must be >= 1 and --width a multiple of 16, got {config.vision_layers}, {config.width}")
     out, checkpoint_path, log_path, device = open_run(config, resume)
