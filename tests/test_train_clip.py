@@ -93,3 +93,37 @@ def test_worker_processes_build_the_same_batches(tmp_path):
     for step, built in enumerate(loader, 2):
         expected = clip.batch(step, config, tokenizer, processor)
         assert all(torch.equal(built[key], expected[key]) for key in expected)
+
+
+def test_twins_differ_in_one_fact_that_both_captions_name():
+    edits = {"word": 0, "shape": 0}
+    for index in range(40):
+        scene = synthvqa.make_scene("train", index)
+        seed = [clip.CAPTION_SEED, 0, index]
+        other = clip.twin(scene, index, seed)
+        changed = [(o.shape, t.shape) for o, t in zip(scene.objects, other.objects) if o != t]
+        if other.word != scene.word:
+            edits["word"] += 1
+            assert not changed and other.text_box[:2] == scene.text_box[:2]
+            assert synthvqa.pixel_mask(other, word=True).any()
+        else:
+            edits["shape"] += 1
+            assert len(changed) == 1 and changed[0][0] != changed[0][1]
+            assert [(o.color, o.x, o.y, o.radius, o.small) for o in scene.objects] == \
+                   [(o.color, o.x, o.y, o.radius, o.small) for o in other.objects]
+        (image, text), (twin_image, twin_text) = clip.train_pair(index, 0), clip.train_pair(index, 0, twinned=True)
+        assert text != twin_text and (np.asarray(image) != np.asarray(twin_image)).any()
+        if other.word != scene.word:  # the same phrases in the same order; only the word differs
+            assert re.sub(rf"\b{scene.word}\b", other.word, text) == twin_text, (text, twin_text)
+    assert edits["word"] >= 10 and edits["shape"] >= 10
+
+
+def test_twin_batches_pair_each_scene_with_its_twin(tmp_path):
+    config = clip.ClipConfig(out_dir=str(tmp_path), twins=True, **TINY)
+    tokenizer = clip.caption_tokenizer(config, tmp_path)
+    _, processor = clip.build_clip(tokenizer, config)
+    built = clip.batch(1, config, tokenizer, processor)
+    expected = clip.encode_images(processor, [clip.train_pair(8 + i // 2, 0, twinned=bool(i % 2))[0] for i in range(8)])
+    assert torch.equal(built["pixel_values"], expected["pixel_values"])
+    with pytest.raises(clip.InputError, match="--batch-size must be even"):
+        clip.train_clip(clip.ClipConfig(out_dir=str(tmp_path / "odd"), twins=True, **{**TINY, "batch_size": 7}))

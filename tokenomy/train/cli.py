@@ -78,6 +78,9 @@ def add_clip_parser(subparsers):
     parser.add_argument("--captions", choices=CAPTION_STYLES, default=defaults.captions,
                         help="caption writer: v2 names the word in every caption and 2-4 objects; v1 trained the shipped "
                              "ref-clip")
+    parser.add_argument("--twins", action="store_true",
+                        help="hard negatives: half of each batch are twins of the other half, differing only in the word "
+                             "or in one named object's shape, captioned alike")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=100, help="test scenes of the retrieval score; 0 skips it")
     parser.set_defaults(func=run_clip)

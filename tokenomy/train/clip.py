@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from tokenomy.train.loop import _one_thread_per_worker, _schedule, open_run, res
 from tokenomy.train.models import IMAGE_SIZE, LLM_SIZE, PATCH_SIZE, train_tokenizer
 
 CAPTION_SEED = 17  # captions of train scene i are drawn from rng([CAPTION_SEED, seed, i])
+TWIN_SEED = 23
 MAX_CAPTION_TOKENS = 48
 COLUMNS = ("left", "centre", "right")
 ROWS = ("top", "middle", "bottom")
@@ -62,6 +63,10 @@ class ClipConfig:
     workers: int = 0
     tower: str = "clip"  # one of TOWERS: CLIP's ViT with CLS, or Qwen2-VL's ViT with its merger
     captions: str = "v2"  # one of CAPTION_STYLES (see scene_facts); the shipped ref-clip was trained on v1
+    # Half of each batch are twins of the other half that differ in one fact, the word or one named object's shape, and
+    # are captioned alike: random batches are told apart by colours and positions alone, so v1 and v2 never learnt to
+    # read the word (benchmarks/RESULTS.md, issue 14). See `twin`.
+    twins: bool = False
 
 
 TOWERS = ("clip", "qwen")
@@ -150,10 +155,32 @@ def full_caption(scene) -> str:
     return f"{len(objects)} objects: " + ", ".join(parts) + f" and the word {scene.word}"
 
 
-def train_pair(index: int, seed: int, style: str = "v2") -> tuple:
-    """(image, caption) of train scene `index`: the same whichever process or resume builds it."""
+def twin(scene, index: int, caption_seed: list):
+    """`scene` with one fact changed, a hard negative for it: the word (even `index`), or else the shape of the object
+    that every caption drawn from `caption_seed` names first (odd `index`, when that object is large: a 3-pixel shape
+    is hardly a shape). Captioned from the same seed, the two captions then differ in exactly that fact."""
+    rng = np.random.default_rng([TWIN_SEED, index])
+    # caption() first shuffles the objects, so the same seed puts the same object first whatever the twin changes.
+    order = list(range(len(scene.objects)))
+    np.random.default_rng(caption_seed).shuffle(order)
+    first = scene.objects[order[0]]
+    if index % 2 and not first.small:
+        shape = str(rng.choice([s for s in synthvqa.SHAPES if s != first.shape]))
+        objects = [replace(o, shape=shape) if o is first else o for o in scene.objects]
+        return replace(scene, objects=objects, questions=[])
+    word = str(rng.choice([w for w in synthvqa.WORDS if w != scene.word]))
+    left, top, right, bottom = synthvqa._font().getbbox(word.upper())
+    x, y = scene.text_box[:2]  # the same place: only the glyphs differ
+    return replace(scene, word=word, text_box=(x, y, x + right - left, y + bottom - top), questions=[])
+
+
+def train_pair(index: int, seed: int, style: str = "v2", twinned: bool = False) -> tuple:
+    """(image, caption) of train scene `index`, or of its `twin`: the same whichever process or resume builds it."""
     scene = synthvqa.make_scene("train", index)
-    return synthvqa.render(scene), caption(scene, np.random.default_rng([CAPTION_SEED, seed, index]), style)
+    caption_seed = [CAPTION_SEED, seed, index]
+    if twinned:
+        scene = twin(scene, index, caption_seed)
+    return synthvqa.render(scene), caption(scene, np.random.default_rng(caption_seed), style)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
@@ -261,8 +288,14 @@ def encode_captions(tokenizer, texts: list) -> dict:
 
 
 def batch(step: int, config: ClipConfig, tokenizer, image_processor) -> dict:
-    """Batch `step` holds train scenes step*B .. step*B+B-1, so a resumed run continues the same loss curve."""
-    pairs = [train_pair(step * config.batch_size + i, config.seed, config.captions) for i in range(config.batch_size)]
+    """Batch `step` holds train scenes step*B .. step*B+B-1 (the first B/2 and their twins with --twins), so a resumed
+    run continues the same loss curve."""
+    first = step * config.batch_size
+    if config.twins:
+        pairs = [train_pair(first + i, config.seed, config.captions, twinned)
+                 for i in range(config.batch_size // 2) for twinned in (False, True)]
+    else:
+        pairs = [train_pair(first + i, config.seed, config.captions) for i in range(config.batch_size)]
     return dict(**encode_images(image_processor, [image for image, _ in pairs]), **encode_captions(tokenizer, [text for _, text in pairs]))
 
 
@@ -305,6 +338,8 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
         raise InputError(f"--tower {config.tower!r}: choose one of {', '.join(TOWERS)}")
     if config.captions not in CAPTION_STYLES:
         raise InputError(f"--captions {config.captions!r}: choose one of {', '.join(CAPTION_STYLES)}")
+    if config.twins and config.batch_size % 2:
+        raise InputError(f"--twins pairs each scene with its twin: --batch-size must be even, got {config.batch_size}")
     if config.vision_layers < 1 or config.width % 16:
         raise InputError(f"--vision-layers must be >= 1 and --width a multiple of 16, got {config.vision_layers}, {config.width}")
     out, checkpoint_path, log_path, device = open_run(config, resume)
