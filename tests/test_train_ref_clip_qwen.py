@@ -93,3 +93,15 @@ def test_a_clip_tower_is_refused_for_qwen_and_a_qwen_tower_for_llava(qwen_tower,
                                     stage="pretrain", steps=1, **{**RECIPE, "arch": "llava"}))
     with pytest.raises(InputError, match="--tower 'vit'"):
         clip.train_clip(clip.ClipConfig(out_dir=str(tmp_path / "clip"), tower="vit"))
+
+
+def test_the_pretrained_vit_learns_at_a_tenth_of_the_llms_rate(qwen_tower, tmp_path):
+    config = loop.TrainConfig(out_dir=str(tmp_path), vision_tower=str(qwen_tower / "model"), stage="finetune", **RECIPE)
+    tokenizer = clip.caption_tokenizer(clip.ClipConfig(out_dir=str(qwen_tower), **TINY_TOWER), qwen_tower)
+    model, _ = build("qwen", tokenizer, llm_layers=1, vision_tower=str(qwen_tower / "model"))
+    llm_group, vision_group = loop._param_groups(model, None, config)
+    assert (llm_group["lr"], vision_group["lr"]) == (pytest.approx(3e-3), pytest.approx(3e-4))
+    assert {id(p) for p in vision_group["params"]} == {id(p) for p in model.model.visual.parameters()}
+    assert len(llm_group["params"]) + len(vision_group["params"]) == len(list(model.parameters()))
+    (only,) = loop._param_groups(model, None, loop.TrainConfig(**{**config.__dict__, "vision_lr_scale": 1.0}))
+    assert len(only["params"]) == len(list(model.parameters()))

@@ -48,6 +48,9 @@ def add_parser(subparsers):
                              "run a finetune continues")
     parser.add_argument("--probe-weight", type=float, default=None,
                         help="visual-token probe loss weight (synthvqa); default 1 end to end, 0 on a frozen tower")
+    parser.add_argument("--vision-lr-scale", type=float, default=None,
+                        help="the vision side's learning rate as a fraction of --lr; default 0.1 for --arch qwen on a "
+                             "--vision-tower (the Qwen2-VL recipe), else 1")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--eval-scenes", type=int, default=50,
                         help="after training on synthvqa, score this many val scenes (7 questions each); 0 skips")
@@ -108,6 +111,7 @@ def run(args):
         vision_steps=args.vision_steps, llm_layers=args.llm_layers, grow_from=args.grow_from,
         seed=args.seed, vocab_size=args.vocab_size, device=args.device, workers=args.workers,
         vision_tower=args.vision_tower, stage=args.stage, init_from=args.init_from, probe_weight=args.probe_weight,
+        vision_lr_scale=args.vision_lr_scale,
     )
     folder = train(config, resume=args.resume)
     print(f"model written to {folder}")

@@ -70,6 +70,10 @@ class TrainConfig:
     # A run folder (or its checkpoint.pt) of the same architecture and sizes to start from: its weights and tokenizer
     # (fresh optimizer and schedule), e.g. the pretrain run a finetune starts from.
     init_from: str | None = None
+    # The learning rate of the vision side (ViT and merger, or tower and projector) as a fraction of `lr`. None: 0.1 for
+    # the Qwen2-VL recipe's pretrained ViT, 1 otherwise. At the full rate its merged tokens grew from norm 9 to 351
+    # while their spread across images fell from 0.79 to 0.16, and the LLM answered from priors (2400 steps, issue 14).
+    vision_lr_scale: float | None = None
 
 
 STAGES = ("pretrain", "finetune")
@@ -94,6 +98,25 @@ def _probe_weight(config: TrainConfig) -> float:
     if config.probe_weight is not None:
         return config.probe_weight
     return 0.0 if config.vision_tower else 1.0
+
+
+def _vision_lr_scale(config: TrainConfig) -> float:
+    if config.vision_lr_scale is not None:
+        return config.vision_lr_scale
+    return 0.1 if config.vision_tower and config.arch == "qwen" else 1.0
+
+
+def _param_groups(model, probe, config: TrainConfig) -> list:
+    """AdamW's parameter groups: the trainable parameters at `lr`, the vision side's at `lr * vision_lr_scale`."""
+    trainable = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe is not None else [])
+    scale = _vision_lr_scale(config)
+    if scale == 1.0:
+        return [dict(params=trainable, lr=config.lr)]
+    inner = model.model
+    vision_modules = [inner.visual] if hasattr(inner, "visual") else [inner.vision_tower, inner.multi_modal_projector]
+    vision = {id(p) for module in vision_modules for p in module.parameters()}
+    return [dict(params=[p for p in trainable if id(p) not in vision], lr=config.lr),
+            dict(params=[p for p in trainable if id(p) in vision], lr=config.lr * scale)]
 
 
 def _dataset(config: TrainConfig):
@@ -277,8 +300,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         probe.to(device)
     if config.vision_steps and probe is None:
         raise InputError("vision_steps needs the probe: it is for synthvqa training with probe_weight > 0")
-    parameters = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe is not None else [])
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    groups = _param_groups(model, probe, config)
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     start = 0
     if config.grow_from and not (resume and checkpoint_path.exists()):
