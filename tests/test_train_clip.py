@@ -127,3 +127,32 @@ def test_twin_batches_pair_each_scene_with_its_twin(tmp_path):
     assert torch.equal(built["pixel_values"], expected["pixel_values"])
     with pytest.raises(clip.InputError, match="--batch-size must be even"):
         clip.train_clip(clip.ClipConfig(out_dir=str(tmp_path / "odd"), twins=True, **{**TINY, "batch_size": 7}))
+
+
+def test_cocas_caption_loss_trains_the_tower_and_only_clip_is_exported(tmp_path):
+    config = clip.ClipConfig(out_dir=str(tmp_path / "run"), caption_weight=2.0, **TINY)
+    tokenizer = clip.caption_tokenizer(config, tmp_path)
+    model, processor = clip.build_clip(tokenizer, config)
+    assert isinstance(model, clip.CaptioningClip)
+    inputs = clip.batch(0, config, tokenizer, processor)
+    model(**inputs)
+    losses = model.last_losses
+    torch.testing.assert_close(model(**inputs).loss.item(), losses["contrastive"] + 2.0 * losses["captioning"])
+    # The captioning loss alone reaches the tower's patch tokens (the decoder reads them all, not only CLS).
+    model.zero_grad()
+    prefix = model.to_decoder(model.clip.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state)
+    embeds = torch.cat([prefix, model.decoder.get_input_embeddings()(inputs["input_ids"])], dim=1)
+    labels = torch.cat([torch.full(prefix.shape[:2], -100), inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)], 1)
+    mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), inputs["attention_mask"]], 1)
+    model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
+    assert model.clip.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+    folder = clip.train_clip(config, eval_scenes=4)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"contrastive", "captioning"} <= set(log[0]) and log[-1]["captioning"] < log[0]["captioning"]
+    trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    exported = CLIPModel.from_pretrained(folder, local_files_only=True).state_dict()
+    assert exported.keys() == {key.removeprefix("clip.") for key in trained if key.startswith("clip.")}
+    assert all(torch.equal(value, trained[f"clip.{key}"]) for key, value in exported.items())
+    with pytest.raises(clip.InputError, match="--caption-weight .* --tower clip"):
+        clip.train_clip(clip.ClipConfig(out_dir=str(tmp_path / "qwen"), caption_weight=1.0, tower="qwen", **TINY))

@@ -71,7 +71,8 @@ def add_clip_parser(subparsers):
     )
     parser.add_argument("--out", default="runs/ref-clip", help="run folder")
     for option in ("steps", "batch_size", "lr", "warmup", "weight_decay", "vision_layers", "width", "text_layers",
-                   "save_every", "threads", "seed", "vocab_size", "tokenizer_scenes", "workers"):
+                   "save_every", "threads", "seed", "vocab_size", "tokenizer_scenes", "workers", "caption_weight",
+                   "decoder_layers"):
         value = getattr(defaults, option)
         parser.add_argument(f"--{option.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N, or auto (the GPU when there is one)")

@@ -67,6 +67,11 @@ class ClipConfig:
     # are captioned alike: random batches are told apart by colours and positions alone, so v1 and v2 never learnt to
     # read the word (benchmarks/RESULTS.md, issue 14). See `twin`.
     twins: bool = False
+    # CoCa's recipe (open_clip's CoCa: contrastive + 2 x captioning): a small decoder writes each caption from all of
+    # the tower's last-layer tokens, so every fact a caption names must be in the tokens. 0 trains CLIP's loss alone.
+    # Even with --twins, the contrastive loss alone left both towers unable to tell twins apart (issue 14).
+    caption_weight: float = 0.0
+    decoder_layers: int = 2
 
 
 TOWERS = ("clip", "qwen")
@@ -224,6 +229,57 @@ class QwenTowerClip(torch.nn.Module):
                           logits_per_text=logits_per_text, logits_per_image=logits_per_text.T)
 
 
+class CaptioningClip(torch.nn.Module):
+    """CLIPModel plus CoCa's captioning decoder: a small Llama reads the tower's last-layer tokens (CLS and patches,
+    linearly mapped) as a prefix and is trained to write the caption after them; the loss is CLIP's plus
+    `caption_weight` times the caption tokens' cross-entropy. Only `clip` is exported: the decoder is a training aid."""
+
+    def __init__(self, clip_model, vocab_size: int, config: ClipConfig):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        super().__init__()
+        self.clip = clip_model
+        width = clip_model.config.vision_config.hidden_size
+        self.to_decoder = torch.nn.Linear(width, config.width)
+        self.decoder = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=config.width, intermediate_size=2 * config.width,
+            num_hidden_layers=config.decoder_layers, num_attention_heads=max(1, config.width // 16),
+            max_position_embeddings=(IMAGE_SIZE // PATCH_SIZE) ** 2 + 1 + MAX_CAPTION_TOKENS))
+        self.caption_weight = config.caption_weight
+
+    def get_image_features(self, pixel_values):
+        return self.clip.get_image_features(pixel_values=pixel_values)
+
+    def get_text_features(self, input_ids, attention_mask):
+        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+
+    def forward(self, pixel_values, input_ids, attention_mask, return_loss: bool = True):
+        from transformers.models.clip.modeling_clip import CLIPOutput, image_text_contrastive_loss
+
+        normalize = torch.nn.functional.normalize
+        vision = self.clip.vision_model(pixel_values=pixel_values)  # once, for both losses
+        images = normalize(self.clip.visual_projection(vision.pooler_output), dim=-1)
+        texts = normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
+        logits_per_text = self.clip.logit_scale.exp() * texts @ images.T
+        contrastive = image_text_contrastive_loss(logits_per_text)
+        prefix = self.to_decoder(vision.last_hidden_state)
+        embeds = torch.cat([prefix, self.decoder.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        labels = torch.cat([input_ids.new_full(prefix.shape[:2], -100), input_ids.masked_fill(attention_mask == 0, -100)], dim=1)
+        captioning = self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        output = CLIPOutput(loss=contrastive + self.caption_weight * captioning, logits_per_text=logits_per_text,
+                            logits_per_image=logits_per_text.T)
+        self.last_losses = dict(contrastive=contrastive.item(), captioning=captioning.item())
+        return output
+
+
+def exported(model):
+    """What a run exports: the Qwen2-VL ViT alone, the CLIPModel without CoCa's decoder, or the CLIPModel."""
+    if isinstance(model, QwenTowerClip):
+        return model.visual
+    return model.clip if isinstance(model, CaptioningClip) else model
+
+
 def build_clip(tokenizer, config: ClipConfig):
     """transformers' CLIPModel: a ViT with CLS on 128 px in 8 px patches, a small text transformer, 64-d embeddings;
     with `tower="qwen"`, a QwenTowerClip whose ViT is sized like ref-qwen's (merged tokens as wide as its LLM)."""
@@ -246,6 +302,8 @@ def build_clip(tokenizer, config: ClipConfig):
     vision = dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=config.width, intermediate_size=2 * config.width,
                   num_hidden_layers=config.vision_layers, num_attention_heads=heads)
     model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=config.width))
+    if config.caption_weight:
+        model = CaptioningClip(model, len(tokenizer), config)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return model, image_processor
 
@@ -336,6 +394,8 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
     """Train (or resume) ref-clip; returns the exported folder `out_dir/model` (CLIPModel, tokenizer, image processor)."""
     if config.tower not in TOWERS:
         raise InputError(f"--tower {config.tower!r}: choose one of {', '.join(TOWERS)}")
+    if config.caption_weight and config.tower != "clip":
+        raise InputError("--caption-weight trains CoCa's decoder on CLIP's tower: it needs --tower clip")
     if config.captions not in CAPTION_STYLES:
         raise InputError(f"--captions {config.captions!r}: choose one of {', '.join(CAPTION_STYLES)}")
     if config.twins and config.batch_size % 2:
@@ -358,6 +418,7 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
     trim_log(log_path, start)
 
     model.train()
+    temperature = (model.clip if isinstance(model, CaptioningClip) else model).logit_scale  # log of it, learned
     began = time.time()
     batches = torch.utils.data.DataLoader(
         Batches(config, tokenizer, image_processor), batch_size=None, sampler=range(start, config.steps),
@@ -373,9 +434,10 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
             optimizer.step()
             scheduler.step()
             with torch.no_grad():  # CLIP clamps the learned temperature at 100
-                model.logit_scale.clamp_(0, math.log(100))
-            log.write(json.dumps(dict(step=step, loss=round(loss.item(), 5), lr=scheduler.get_last_lr()[0],
-                                      temperature=round(model.logit_scale.exp().item(), 3),
+                temperature.clamp_(0, math.log(100))
+            losses = {k: round(v, 5) for k, v in getattr(model, "last_losses", {}).items()}
+            log.write(json.dumps(dict(step=step, loss=round(loss.item(), 5), **losses, lr=scheduler.get_last_lr()[0],
+                                      temperature=round(temperature.exp().item(), 3),
                                       seconds=round(time.time() - began, 2))) + "\n")
             log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
@@ -385,8 +447,8 @@ def train_clip(config: ClipConfig, resume: bool = False, eval_scenes: int = 100)
                 checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # a kill while saving keeps the last one
     folder = out / "model"
     model.eval().to("cpu")
-    # The Qwen2-VL tower is exported alone: the LLM reads the ViT; the text side lives on in checkpoint.pt.
-    (model.visual if config.tower == "qwen" else model).save_pretrained(folder)
+    # The Qwen2-VL tower is exported alone (the LLM reads the ViT) and CoCa's decoder not at all; checkpoint.pt keeps both.
+    exported(model).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
     if eval_scenes:
