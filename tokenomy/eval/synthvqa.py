@@ -182,19 +182,23 @@ def _spatial_question(rng, objects, large):
     return None
 
 
+def word_box(word: str, x: int, y: int) -> tuple:
+    """(left, top, right, bottom) of `word` as `render` draws it with its top-left corner at (x, y)."""
+    left, top, right, bottom = _font().getbbox(word.upper())
+    return (x, y, x + right - left, y + bottom - top)
+
+
 def make_scene(split: str, index: int) -> Scene:
     """Scene `index` of `split`: the same split and index always give the same scene and questions."""
     if split not in SPLIT_SEEDS:
         raise InputError(f"unknown synthvqa split {split!r}; known: {', '.join(SPLIT_SEEDS)}")
     rng = np.random.default_rng([SPLIT_SEEDS[split], int(index)])
-    font = _font()
     while True:  # resample until the scene can ask every question type unambiguously
         word = WORDS[int(rng.integers(len(WORDS)))]
-        left, top, right, bottom = font.getbbox(word.upper())
-        width, height = right - left, bottom - top
+        _, _, width, height = word_box(word, 0, 0)
         tx = int(rng.integers(2, IMAGE_SIZE - width - 2))
         ty = int(rng.integers(2, IMAGE_SIZE - height - 2))
-        text_box = (tx, ty, tx + width, ty + height)
+        text_box = word_box(word, tx, ty)
         objects = _place_objects(rng, int(rng.integers(2, 6)), text_box)
         if objects is None:
             continue

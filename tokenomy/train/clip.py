@@ -174,9 +174,8 @@ def twin(scene, index: int, caption_seed: list):
         objects = [replace(o, shape=shape) if o is first else o for o in scene.objects]
         return replace(scene, objects=objects, questions=[])
     word = str(rng.choice([w for w in synthvqa.WORDS if w != scene.word]))
-    left, top, right, bottom = synthvqa._font().getbbox(word.upper())
-    x, y = scene.text_box[:2]  # the same place: only the glyphs differ
-    return replace(scene, word=word, text_box=(x, y, x + right - left, y + bottom - top), questions=[])
+    # The same place: only the glyphs differ.
+    return replace(scene, word=word, text_box=synthvqa.word_box(word, *scene.text_box[:2]), questions=[])
 
 
 def train_pair(index: int, seed: int, style: str = "v2", twinned: bool = False) -> tuple:
