@@ -10,7 +10,8 @@ a custom tokenizer; transformers' CLIPModel takes the sizes as a config object, 
 local safetensors folder, and its `vision_model` is the very CLIPVisionTransformer that LlavaForConditionalGeneration
 embeds, so the new ref-llava can take the tower's weights as they are. Its loss (`return_loss=True`) is CLIP's
 symmetric cross-entropy over the image-caption similarity matrix with a learned temperature, what open_clip's ClipLoss
-computes on one process.
+computes on one process. `caption_weight` adds CoCa's captioning loss (open_clip's CoCa recipe) through a small decoder
+that is dropped at export; `twins` puts hard negatives in every batch.
 
 `tower="qwen"` trains a Qwen2-VL ViT (no CLS, 2x2 patch merger) in CLIP's place, for the Qwen2-VL recipe: its image
 embedding is the mean of the merged tokens, the very tokens a Qwen2-VL LLM reads, projected like CLIP's; the export
@@ -268,7 +269,7 @@ class CaptioningClip(torch.nn.Module):
         captioning = self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         output = CLIPOutput(loss=contrastive + self.caption_weight * captioning, logits_per_text=logits_per_text,
                             logits_per_image=logits_per_text.T)
-        self.last_losses = dict(contrastive=contrastive.item(), captioning=captioning.item())
+        self.last_losses = dict(contrastive=contrastive.item(), captioning=captioning.item())  # for the training log
         return output
 
 
