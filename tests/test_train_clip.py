@@ -140,11 +140,8 @@ def test_cocas_caption_loss_trains_the_tower_and_only_clip_is_exported(tmp_path)
     torch.testing.assert_close(model(**inputs).loss.item(), losses["contrastive"] + 2.0 * losses["captioning"])
     # The captioning loss alone reaches the tower's patch tokens (the decoder reads them all, not only CLS).
     model.zero_grad()
-    prefix = model.to_decoder(model.clip.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state)
-    embeds = torch.cat([prefix, model.decoder.get_input_embeddings()(inputs["input_ids"])], dim=1)
-    labels = torch.cat([torch.full(prefix.shape[:2], -100), inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)], 1)
-    mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), inputs["attention_mask"]], 1)
-    model.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
+    tokens = model.clip.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+    model.caption_loss(tokens, inputs["input_ids"], inputs["attention_mask"]).backward()
     assert model.clip.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
 
     folder = clip.train_clip(config, eval_scenes=4)

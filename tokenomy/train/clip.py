@@ -253,6 +253,14 @@ class CaptioningClip(torch.nn.Module):
     def get_text_features(self, input_ids, attention_mask):
         return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
 
+    def caption_loss(self, image_tokens, input_ids, attention_mask):
+        """Cross-entropy of the caption tokens, written after the tower's last-layer tokens as a prefix."""
+        prefix = self.to_decoder(image_tokens)
+        embeds = torch.cat([prefix, self.decoder.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        labels = torch.cat([input_ids.new_full(prefix.shape[:2], -100), input_ids.masked_fill(attention_mask == 0, -100)], dim=1)
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
     def forward(self, pixel_values, input_ids, attention_mask, return_loss: bool = True):
         from transformers.models.clip.modeling_clip import CLIPOutput, image_text_contrastive_loss
 
@@ -262,11 +270,7 @@ class CaptioningClip(torch.nn.Module):
         texts = normalize(self.get_text_features(input_ids, attention_mask).pooler_output, dim=-1)
         logits_per_text = self.clip.logit_scale.exp() * texts @ images.T
         contrastive = image_text_contrastive_loss(logits_per_text)
-        prefix = self.to_decoder(vision.last_hidden_state)
-        embeds = torch.cat([prefix, self.decoder.get_input_embeddings()(input_ids)], dim=1)
-        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        labels = torch.cat([input_ids.new_full(prefix.shape[:2], -100), input_ids.masked_fill(attention_mask == 0, -100)], dim=1)
-        captioning = self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        captioning = self.caption_loss(vision.last_hidden_state, input_ids, attention_mask)
         output = CLIPOutput(loss=contrastive + self.caption_weight * captioning, logits_per_text=logits_per_text,
                             logits_per_image=logits_per_text.T)
         self.last_losses = dict(contrastive=contrastive.item(), captioning=captioning.item())  # for the training log
