@@ -53,9 +53,9 @@ def test_synthvqa_task_in_the_harness(tmp_path):
     assert results["random"]["28"]["efficiency"]["visual_tokens_kept"] == 28
 
 
-def test_names_of_models_in_training_say_so():
+def test_names_of_unshipped_models_say_so():
     from tokenomy.errors import ModelLoadError
 
     for name, shipped in (("ref-llava", "ref-llava-e2e"), ("ref-qwen", "ref-qwen-e2e")):
-        with pytest.raises(ModelLoadError, match=f"still in training.*'{shipped}'"):
+        with pytest.raises(ModelLoadError, match=f"not shipped.*'{shipped}'"):
             tokenomy.load(name)

@@ -62,8 +62,9 @@ def load(model, reducer="none", device=None, dtype=None, position_policy=None, k
         elif os.sep in str(model) or path.exists():
             raise missing_folder_error(str(model))
         elif str(model) in NOT_YET_SHIPPED:
-            raise ModelLoadError(f"{model}: the model built by the real recipe on ref-clip is still in training and not "
-                                 f"shipped; the end-to-end one is {NOT_YET_SHIPPED[str(model)]!r} "
+            raise ModelLoadError(f"{model}: the model built by the real recipe on ref-clip is not shipped: trained on a "
+                                 f"tower that reads neither shapes nor the word, it answers about half of synthvqa "
+                                 f"(issue 14); the end-to-end one is {NOT_YET_SHIPPED[str(model)]!r} "
                                  f"(docs/reference-models.md)")
         elif str(model) in BUILTIN_ENCODERS:
             raise InputError(f"{model} is a vision encoder, not a vision-language model: load it with "
