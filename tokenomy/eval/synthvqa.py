@@ -10,6 +10,7 @@ what makes the benchmark discriminative for token reduction.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -66,8 +67,16 @@ class Scene:
     questions: list = field(default_factory=list)  # dicts: type, question, answer, and what the question refers to
 
 
+@functools.lru_cache(maxsize=None)
 def _font():
+    # Loading the font (base64-decoded on every call) and measuring a word were most of make_scene's time.
     return ImageFont.load_default(size=FONT_SIZE)
+
+
+@functools.lru_cache(maxsize=None)
+def _word_bbox(word: str) -> tuple:
+    """getbbox of `word` as drawn (upper case), relative to the text origin."""
+    return _font().getbbox(word.upper())
 
 
 def _overlaps(box_a, box_b, margin) -> bool:
@@ -184,7 +193,7 @@ def _spatial_question(rng, objects, large):
 
 def word_box(word: str, x: int, y: int) -> tuple:
     """(left, top, right, bottom) of `word` as `render` draws it with its top-left corner at (x, y)."""
-    left, top, right, bottom = _font().getbbox(word.upper())
+    left, top, right, bottom = _word_bbox(word)
     return (x, y, x + right - left, y + bottom - top)
 
 
@@ -221,9 +230,8 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, fill) -> None:
 
 
 def _draw_word(draw: ImageDraw.ImageDraw, scene: Scene, fill) -> None:
-    font = _font()
-    left, top, _, _ = font.getbbox(scene.word.upper())
-    draw.text((scene.text_box[0] - left, scene.text_box[1] - top), scene.word.upper(), fill=fill, font=font)
+    left, top, _, _ = _word_bbox(scene.word)
+    draw.text((scene.text_box[0] - left, scene.text_box[1] - top), scene.word.upper(), fill=fill, font=_font())
 
 
 def render(scene: Scene) -> Image.Image:
