@@ -59,7 +59,7 @@ class ClipConfig:
     vocab_size: int = 512
     tokenizer_scenes: int = 500  # train scenes whose captions the BPE is trained on
     device: str = "auto"
-    # Processes rendering and preprocessing the next batches: a 64-scene batch takes about 2 s on one core here, more
+    # Processes rendering and preprocessing the next batches: a 64-scene batch takes about 0.3 s of one core here, more
     # than a step of this model on a GPU. 0 builds them in the training process.
     workers: int = 0
     tower: str = "clip"  # one of TOWERS: CLIP's ViT with CLS, or Qwen2-VL's ViT with its merger
